@@ -1,0 +1,98 @@
+"""The gRPC server: listen first (health says NOT_SERVING), load and warm the models, then SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .registry import Registry
+from .service import Collections, Inference, Models
+
+log = logging.getLogger("tandem.server")
+
+SERVICES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Inference", "Models", "Collections"))
+
+
+class TandemServer:
+    """Owns the grpc.aio server, the registry and the health status."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.registry = Registry(config)
+        self.health = health.aio.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self.server = grpc.aio.server(options=options)
+        pb_grpc.add_InferenceServicer_to_server(Inference(self.registry, config), self.server)
+        pb_grpc.add_ModelsServicer_to_server(Models(self.registry), self.server)
+        pb_grpc.add_CollectionsServicer_to_server(Collections(), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not listen on {config.host}:{config.port} (in use?)")
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("",) + SERVICES:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s:%d (NOT_SERVING until models are warm)", self.config.host, self.port)
+        await asyncio.get_running_loop().run_in_executor(None, self.registry.load)
+        await self.registry.warm_up()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING %d model(s); default %s/%s", len(self.registry.all()), *self.registry.default)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.registry.close()
+
+
+async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    server = TandemServer(config)
+    await server.start()
+    if ready:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    _print_howto(config, server)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+
+
+def _print_howto(config: ServerConfig, server: TandemServer) -> None:
+    name, version = server.registry.default or ("?", "?")
+    target = f"{config.host}:{server.port}"
+    print(
+        f"\nTandem is serving {name}/{version} on {target}.\n"
+        f"  .venv/bin/tandem classify --server {target} IMAGE.png --labels 'red circle' 'blue square'\n"
+        f"  .venv/bin/tandem embed --server {target} --text 'a small red circle'\n"
+        f"  Python: from server.client import TandemClient; TandemClient('{target}').embed_text(['hi'])\n"
+        + (f"  Metrics: http://{config.host}:{config.metrics_port}/metrics\n" if config.metrics_port else "")
+        + "Ctrl-C stops it.\n",
+        flush=True,
+    )

@@ -1,0 +1,168 @@
+"""Dynamic batching: requests from many clients share one ONNX Runtime run.
+
+One Batcher serves one (model, tower). Callers ``await batcher.submit(x)``
+with x of shape [n, ...]; a worker task takes the oldest pending requests,
+waits at most ``max_queue_delay_us`` for more to arrive, and runs up to
+``max_batch_size`` rows at once in a thread (ONNX Runtime releases the GIL).
+Each caller gets back exactly its own rows. A request larger than the batch
+limit is split into several runs. The queue holds at most ``max_queue_rows``
+rows; past that ``submit`` raises QueueFull at once instead of letting
+latency grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import metrics
+
+RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class _Pending:
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
+    done_rows: list[np.ndarray] = field(default_factory=list)
+    offset: int = 0  # rows already taken into a batch
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: RunFn,
+        executor: Executor,
+        max_batch_size: int = 32,
+        max_queue_delay_us: int = 2000,
+        max_queue_rows: int = 4096,
+        labels: tuple[str, str] = ("model", "tower"),
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._run, self._executor = run, executor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self.max_queue_rows = max_queue_rows
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._labels = labels
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher-{self._labels}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("server is shutting down"))
+        self._queue.clear()
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def submit(self, rows: np.ndarray) -> np.ndarray:
+        """Run `rows` ([n, ...]) through the model; returns [n, dim] in order."""
+        n = len(rows)
+        if n == 0:
+            raise ValueError("nothing to run")
+        if self._queued_rows + n > self.max_queue_rows:
+            metrics.QUEUE_REJECTED.labels(*self._labels).inc()
+            raise QueueFull(
+                f"the {self._labels[1]} queue of {self._labels[0]} holds {self._queued_rows} items "
+                f"(limit max_queue_rows={self.max_queue_rows}); retry with backoff"
+            )
+        self.start()
+        pending = _Pending(rows, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._queued_rows += n
+        metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
+        self._wakeup.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The caller went away (deadline, disconnect): drop rows not yet taken.
+            if pending in self._queue:
+                self._queue.remove(pending)
+                self._queued_rows -= n - pending.offset
+                metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
+            raise
+
+    def _take_batch(self) -> list[tuple[_Pending, int, int]]:
+        """Pop up to max_batch_size rows from the head: (request, start, stop) slices."""
+        taken: list[tuple[_Pending, int, int]] = []
+        room = self.max_batch_size
+        while self._queue and room:
+            p = self._queue[0]
+            stop = min(len(p.rows), p.offset + room)
+            taken.append((p, p.offset, stop))
+            room -= stop - p.offset
+            p.offset = stop
+            if stop == len(p.rows):
+                self._queue.popleft()
+        self._queued_rows -= self.max_batch_size - room
+        return taken
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait for company, but never past the oldest request's deadline.
+            deadline = self._queue[0].enqueued + self.max_queue_delay_s
+            while self._queued_rows < self.max_batch_size and (wait := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except asyncio.TimeoutError:
+                    break
+            if not self._queue:
+                continue
+            taken = self._take_batch()
+            metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
+            now = time.perf_counter()
+            for p, start, _ in taken:
+                if start == 0:
+                    metrics.STAGE_SECONDS.labels("queue", *self._labels).observe(now - p.enqueued)
+            batch = np.concatenate([p.rows[a:b] for p, a, b in taken]) if len(taken) > 1 else taken[0][0].rows[
+                taken[0][1] : taken[0][2]
+            ]
+            metrics.BATCH_SIZE.labels(*self._labels).observe(len(batch))
+            started = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._executor, self._run, batch)
+            except Exception as e:  # a failed run fails its requests, not the worker
+                for p, _, _ in taken:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            metrics.STAGE_SECONDS.labels("inference", *self._labels).observe(time.perf_counter() - started)
+            cursor = 0
+            for p, a, b in taken:
+                p.done_rows.append(out[cursor : cursor + b - a])
+                cursor += b - a
+                if b == len(p.rows) and not p.future.done():
+                    parts = p.done_rows
+                    p.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))

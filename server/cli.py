@@ -1,0 +1,278 @@
+"""`tandem`: train, export, serve and call Tandem models.
+
+    tandem serve                      serve every bundle under models/
+    tandem train clip                 train CLIP (default: small ViT on procedural shapes)
+    tandem export --checkpoint FILE   write a model bundle (ONNX + manifest), parity-checked
+    tandem embed / classify           call a running server with texts or image files
+    tandem models                     list loaded models (server) or known architectures
+    tandem shapes                     draw procedural test images to try the default model on
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  tandem serve --models models --port 50051
+  tandem train clip --steps 1500 --out runs/clip
+  torchrun --nproc_per_node 2 -m server.cli train clip --out runs/clip-ddp
+  tandem export --checkpoint runs/clip/checkpoints/latest.pt --name my-clip --version 1
+  tandem export --model ViT-B-32 --checkpoint ~/weights/vit_b_32.pt --name vit-b-32
+  tandem classify shapes/red_circle.png --labels 'small red circle' 'large blue square'
+"""
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- serve ----------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import config as cfg
+    from .app import serve
+
+    config = cfg.load(args)
+    _setup_logging(config.log_level)
+    logging.getLogger("tandem.server").info("configuration:\n%s", config.describe())
+    asyncio.run(serve(config))
+    return 0
+
+
+# -- train ----------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from training import distributed
+    from training.methods.clip import Clip, ClipConfig
+    from training.trainer import TrainConfig, Trainer
+
+    dist = distributed.setup(args.device)
+    try:
+        method = Clip(ClipConfig(model=args.model, data=args.data, init=args.init, train_size=args.train_size,
+                                 val_size=args.val_size, test_size=args.test_size, seed=args.seed), dist)
+        config = TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                             workers=args.workers, resume=not args.no_resume, progress=not args.no_progress)
+        metrics = Trainer(method, config, dist).fit()
+        if dist.is_main:
+            print(json.dumps(metrics, indent=2))
+            print(f"checkpoint: {Path(args.out) / 'checkpoints' / 'latest.pt'}\n"
+                  f"curves: {Path(args.out) / 'curves.png'}; TensorBoard: tensorboard --logdir {args.out}")
+    finally:
+        distributed.teardown()
+    return 0
+
+
+# -- export ---------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from training.export import ParityError, export_bundle
+
+    try:
+        result = export_bundle(args.model, Path(args.out), args.name, args.version,
+                               Path(args.checkpoint) if args.checkpoint else None, args.precision,
+                               image_only=args.image_only, force=args.force, source_note=args.note)
+    except ParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    p = result.manifest.parity
+    print(f"wrote {result.path}  (parity: min cosine {p['min_cosine']:.6f} >= {p['threshold']})")
+    return 0
+
+
+# -- client commands ------------------------------------------------------------
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .client import TandemClient
+
+    return TandemClient(args.server, model=args.model or "", version=args.version or "", timeout_s=args.timeout)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    if not args.text and not args.images:
+        print("error: give --text and/or image files", file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        rows = []
+        if args.text:
+            r = c.embed_text(args.text, normalize=not args.unnormalized)
+            rows += [(t, e, tr) for t, e, tr in zip(args.text, r.embeddings, r.truncated)]
+        if args.images:
+            r = c.embed_image(args.images, normalize=not args.unnormalized)
+            rows += [(str(p), e, False) for p, e in zip(args.images, r.embeddings)]
+    if args.output:
+        np.save(args.output, np.stack([e for _, e, _ in rows]))
+        print(f"saved {len(rows)} x {len(rows[0][1])} float32 to {args.output}")
+    for item, emb, truncated in rows:
+        if args.json:
+            print(json.dumps({"input": item, "embedding": [round(float(v), 6) for v in emb], "truncated": truncated}))
+        else:
+            head = " ".join(f"{v:+.3f}" for v in emb[:6])
+            print(f"{item[:50]!r:54} dim {len(emb)}  [{head} ...]" + ("  (truncated)" if truncated else ""))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        results = c.classify(args.images, args.labels, args.template or None, args.top_k)
+    for path, top in zip(args.images, results):
+        if args.json:
+            print(json.dumps({"image": str(path), "top": [vars(s) for s in top]}))
+            continue
+        print(path)
+        for s in top:
+            print(f"  {s.probability:7.2%}  {s.label}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.architectures:
+        from training.models import list_architectures
+
+        print("\n".join(list_architectures()))
+        return 0
+    with _client(args) as c:
+        r = c.list_models()
+    for m in r.models:
+        default = " (default)" if (m.model.name, m.model.version) == (r.default_model.name, r.default_model.version) else ""
+        print(f"{m.model.name}/{m.model.version}{default}: {m.kind}, {m.architecture}, dim {m.dim}, "
+              f"image {m.image_size}px, context {m.context_length}, {m.precision}, {m.execution_provider}, "
+              f"parity {m.parity_min_cosine:.6f}")
+    return 0
+
+
+def cmd_shapes(args: argparse.Namespace) -> int:
+    from training.data import procedural
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (img, spec) in enumerate(procedural.ShapesDataset(args.split, args.count, args.seed, args.canvas)):
+        path = out / f"{i:04d}_{spec.label.replace(' ', '_')}.png"
+        img.save(path)
+        print(path)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of a running `tandem serve`")
+    p.add_argument("--model", default="", help="model name (default: the server's default model)")
+    p.add_argument("--version", default="", help="model version (default: the latest)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before the call is abandoned")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import config as cfg
+
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve the bundles in a model repository over gRPC",
+                       description="Serve every bundle under --models over gRPC, with health, reflection "
+                       "and Prometheus metrics. Settings: defaults < --config FILE.toml < TANDEM_* env < flags.")
+    cfg.add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train a model (CLIP for now)",
+                       description="Train CLIP on procedural shapes (default) or on your own image-caption "
+                       "folder. Resumes from OUT/checkpoints/latest.pt when it exists. Several GPUs (or CPU "
+                       "processes): torchrun --nproc_per_node N -m server.cli train clip ...")
+    p.add_argument("method", choices=["clip"], help="training method")
+    p.add_argument("--model", default="tandem-shapes-vit",
+                   help="open_clip architecture name, one of training/configs/*.json, or a .json config path")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (procedural, with zero-shot evaluation) or a folder with captions.csv/.jsonl")
+    p.add_argument("--init", help="start from the weights in this checkpoint file")
+    p.add_argument("--out", default="runs/clip", help="run folder: checkpoints, TensorBoard logs, curves.png")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=256, help="pairs per step per process")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=250, help="zero-shot evaluation on the val split every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--train-size", type=int, default=20_000, help="procedural training pairs")
+    p.add_argument("--val-size", type=int, default=1_000)
+    p.add_argument("--test-size", type=int, default=2_000)
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a model to an ONNX bundle (parity-checked)",
+                       description="Export an open_clip model to models/NAME/VERSION: manifest.json, "
+                       "image.onnx, text.onnx. ONNX Runtime must reproduce PyTorch (min cosine >= 0.9999 fp32, "
+                       "0.999 fp16) on a fixed probe batch, or nothing is written.")
+    p.add_argument("--model", help="architecture; optional with a Tandem checkpoint (it records its own)")
+    p.add_argument("--checkpoint", help="local weights file (Tandem or open_clip); omitted = random init")
+    p.add_argument("--name", required=True, help="bundle name, e.g. my-clip")
+    p.add_argument("--version", default="1")
+    p.add_argument("--out", default="models", help="model repository folder")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--image-only", action="store_true", help="export only the image tower")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle version")
+    p.add_argument("--note", help="free text stored in the manifest's source")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="embed texts and/or image files with a running server")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--text", nargs="+", default=[], help="texts to embed")
+    p.add_argument("--unnormalized", action="store_true", help="raw tower outputs, not unit length")
+    p.add_argument("--output", help="also save all embeddings to this .npy file")
+    _client_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("classify", help="zero-shot classify image files with a running server")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--labels", nargs="+", required=True, help="candidate labels")
+    p.add_argument("--template", action="append", help="prompt template with {} (repeatable); default ensemble")
+    p.add_argument("--top-k", type=int, default=5)
+    _client_args(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("models", help="list the models a server has loaded")
+    p.add_argument("--architectures", action="store_true", help="list open_clip architectures instead (offline)")
+    _client_args(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("shapes", help="draw procedural shape images (PNG) to try the default model on")
+    p.add_argument("--out", default="shapes", help="output folder")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvas", type=int, default=64, help="image side in pixels")
+    p.set_defaults(func=cmd_shapes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        import grpc
+
+        if isinstance(e, grpc.RpcError):
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The server's one typed configuration: defaults < TOML file < TANDEM_* env < flags.
+
+Every field has a help text; ``tandem serve --help`` lists them all and the
+effective configuration is logged at start-up. (Hand-written: ~60 lines over
+dataclasses + argparse + tomllib, simpler than bending pydantic-settings
+around the `tandem` subcommands.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TANDEM_"
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServerConfig:
+    models: str = _f("models", "model repository folder: <name>/<version>/manifest.json")
+    default_model: str = _f("", "model used when a request names none (empty: the first one found)")
+    host: str = _f("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
+    port: int = _f(50051, "gRPC port")
+    metrics_port: int = _f(9100, "Prometheus /metrics port (0 disables)")
+    device: str = _f("auto", "ONNX Runtime device: auto (CUDA when available), cpu or cuda")
+    intra_op_threads: int = _f(0, "threads per ONNX Runtime run (0: ONNX Runtime's default, all cores)")
+    inter_op_threads: int = _f(1, "ONNX Runtime inter-op threads")
+    preprocess_threads: int = _f(4, "threads that decode and resize images")
+    max_batch_size: int = _f(32, "most items per ONNX Runtime run")
+    max_queue_delay_us: int = _f(2000, "longest an item waits for others to fill a batch, microseconds")
+    max_queue_rows: int = _f(4096, "items waiting per model and tower before requests get RESOURCE_EXHAUSTED")
+    max_items_per_request: int = _f(256, "most images or texts in one request")
+    max_labels: int = _f(1000, "most candidate labels in one Classify request")
+    max_text_chars: int = _f(4096, "longest text accepted, in characters (token truncation is separate)")
+    max_image_pixels: int = _f(40_000_000, "largest image accepted, width x height, checked before decoding")
+    max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC request message")
+    label_cache_size: int = _f(256, "zero-shot label sets whose embeddings are cached")
+    verify_hashes: bool = _f(True, "check each ONNX file's sha256 against its manifest at load")
+    log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+
+def _convert(kind: Any, raw: Any, where: str) -> Any:
+    if isinstance(raw, str) and kind in (bool, "bool"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected true/false, got {raw!r}")
+    try:
+        return {"int": int, "str": str, "bool": bool}.get(kind, kind)(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {kind}, got {raw!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file ([server] table or top level)")
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, default=None, metavar=f.name.upper(),
+                                help=f"{f.metadata['help']} (default {f.default!r}; env {ENV_PREFIX}{f.name.upper()})")
+
+
+def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> ServerConfig:
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(ServerConfig)}
+    config_file = getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        data = tomllib.loads(Path(config_file).read_text())
+        data = data.get("server", data)
+        for key, raw in data.items():
+            if key not in known:
+                raise ValueError(f"{config_file}: unknown setting {key!r}; known: {', '.join(known)}")
+            values[key] = _convert(known[key].type, raw, f"{config_file}: {key}")
+    for name, f in known.items():
+        if (raw := env.get(ENV_PREFIX + name.upper())) is not None:
+            values[name] = _convert(f.type, raw, f"{ENV_PREFIX}{name.upper()}")
+        if args is not None and (raw := getattr(args, name, None)) is not None:
+            values[name] = _convert(f.type, raw, "--" + name.replace("_", "-"))
+    config = ServerConfig(**values)
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
+    return config

@@ -1,0 +1,78 @@
+"""The one place where failures become gRPC status codes.
+
+Handlers raise ApiError (or one of the library errors mapped below); the
+`rpc` decorator turns it into a status with a message a user can act on,
+counts it in Prometheus and keeps the server serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import grpc
+
+from . import metrics
+from .batcher import QueueFull
+
+log = logging.getLogger("tandem.server")
+Code = grpc.StatusCode
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(Code.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(Code.NOT_FOUND, message)
+
+
+def failed_precondition(message: str) -> ApiError:
+    return ApiError(Code.FAILED_PRECONDITION, message)
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(Code.UNAVAILABLE, message)
+
+
+def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Wrap a grpc.aio handler: status mapping, request metrics, error logging."""
+
+    def wrap(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(handler)
+        async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+            started = time.perf_counter()
+            code = Code.OK
+            try:
+                return await handler(self, request, context)
+            except ApiError as e:
+                code = e.code
+                await context.abort(e.code, e.message)
+            except QueueFull as e:
+                code = Code.RESOURCE_EXHAUSTED
+                await context.abort(code, str(e))
+            except asyncio.CancelledError:
+                code = Code.CANCELLED
+                raise
+            except Exception:
+                code = Code.INTERNAL
+                log.exception("%s failed", method)
+                await context.abort(code, f"{method} failed inside the server; the error is in the server log")
+            finally:
+                metrics.REQUESTS.labels(method, code.name).inc()
+                metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
+            raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+        return wrapped
+
+    return wrap

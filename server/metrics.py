@@ -1,0 +1,31 @@
+"""Prometheus metrics, one place. Scraped from http://<host>:<metrics_port>/metrics.
+
+Stages (label `stage`): decode (bytes -> RGB, includes resize/normalise for
+images: label `preprocess`), tokenize, queue (waiting in the batcher),
+inference (one ONNX Runtime run, per batch).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+REQUESTS = Counter("tandem_requests_total", "gRPC requests by method and status code", ["method", "code"])
+REQUEST_SECONDS = Histogram(
+    "tandem_request_seconds", "Wall time of a gRPC request, from arrival to answer", ["method"],
+    buckets=_LATENCY_BUCKETS,
+)
+ITEMS = Counter("tandem_items_total", "Items (images or texts) received, by method", ["method"])
+STAGE_SECONDS = Histogram(
+    "tandem_stage_seconds", "Time per stage: preprocess and tokenize per request, queue per request, "
+    "inference per batch", ["stage", "model", "tower"], buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("tandem_batch_size", "Rows per ONNX Runtime run", ["model", "tower"], buckets=_BATCH_BUCKETS)
+QUEUE_ROWS = Gauge("tandem_queue_rows", "Rows waiting in the batcher", ["model", "tower"])
+QUEUE_REJECTED = Counter("tandem_queue_rejected_total", "Requests refused because the queue was full", ["model", "tower"])
+MODEL_INFO = Gauge(
+    "tandem_model_info", "Loaded models (value 1) and where they run", ["model", "version", "kind", "provider"]
+)
+ZERO_SHOT_CACHE = Counter("tandem_zero_shot_cache_total", "Label-embedding cache lookups", ["result"])

@@ -1,0 +1,198 @@
+"""gRPC handlers for tandem.v1: validate, preprocess off the event loop, batch, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+from . import metrics, zero_shot
+from .config import ServerConfig
+from .errors import ApiError, Code, failed_precondition, invalid, rpc
+from .preprocess import ImageInputError, preprocess
+from .registry import LoadedModel, Registry
+
+
+def _ref(m: LoadedModel) -> pb.ModelRef:
+    return pb.ModelRef(name=m.name, version=m.version)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _embeddings(x: np.ndarray) -> list[pb.Embedding]:
+    return [pb.Embedding(values=row) for row in x.astype(np.float32).tolist()]
+
+
+class Inference(pb_grpc.InferenceServicer):
+    def __init__(self, registry: Registry, config: ServerConfig):
+        self.registry, self.config = registry, config
+
+    # -- validation ------------------------------------------------------------
+    def _check_count(self, n: int, what: str) -> None:
+        if n == 0:
+            raise invalid(f"{what} is empty; send at least one item")
+        if n > self.config.max_items_per_request:
+            raise invalid(
+                f"{what} has {n} items, more than max_items_per_request={self.config.max_items_per_request}; "
+                "split the request"
+            )
+
+    def _check_texts(self, texts: list[str], what: str) -> None:
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise invalid(f"{what}[{i}] is empty; send non-blank text")
+            if len(text) > self.config.max_text_chars:
+                raise invalid(
+                    f"{what}[{i}] has {len(text)} characters, more than max_text_chars={self.config.max_text_chars}"
+                )
+
+    # -- shared steps ----------------------------------------------------------
+    async def embed_texts(self, m: LoadedModel, texts: list[str], reject_truncated: bool = False
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(raw embeddings [n, dim], truncated flags [n])."""
+        if m.text is None or m.tokenizer is None:
+            raise failed_precondition(
+                f"model {m.name}/{m.version} is image-only (kind {m.bundle.manifest.kind!r}); "
+                "it cannot embed text. Use a CLIP model for text and zero-shot classification"
+            )
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        ids, truncated = await loop.run_in_executor(self.registry.preprocess_pool, m.tokenizer.encode_batch, texts)
+        metrics.STAGE_SECONDS.labels("tokenize", m.name, "text").observe(time.perf_counter() - started)
+        if reject_truncated and truncated.any():
+            where = ", ".join(f"texts[{i}]" for i in np.flatnonzero(truncated)[:10])
+            raise invalid(
+                f"{where} exceed the model's context length of {m.tokenizer.context_length} tokens "
+                "and reject_truncated is set; shorten them or allow truncation"
+            )
+        return await m.text.submit(ids), truncated
+
+    async def embed_images(self, m: LoadedModel, images: list[bytes], what: str = "images") -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        spec, limit = m.bundle.manifest.image, self.config.max_image_pixels
+
+        def one(i: int, data: bytes) -> np.ndarray:
+            try:
+                return preprocess(data, spec, limit)
+            except ImageInputError as e:
+                raise invalid(f"{what}[{i}] {e}") from None
+
+        started = time.perf_counter()
+        tensors = await asyncio.gather(
+            *(loop.run_in_executor(self.registry.preprocess_pool, one, i, d) for i, d in enumerate(images))
+        )
+        metrics.STAGE_SECONDS.labels("preprocess", m.name, "image").observe(time.perf_counter() - started)
+        return await m.image.submit(np.stack(tensors))
+
+    # -- handlers --------------------------------------------------------------
+    @rpc("EmbedText")
+    async def EmbedText(self, request: pb.EmbedTextRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        m = self.registry.get(request.model, request.version)
+        texts = list(request.texts)
+        metrics.ITEMS.labels("EmbedText").inc(len(texts))
+        self._check_count(len(texts), "texts")
+        self._check_texts(texts, "texts")
+        out, truncated = await self.embed_texts(m, texts, request.reject_truncated)
+        if not request.unnormalized:
+            out = l2_normalize(out)
+        return pb.EmbedResponse(model=_ref(m), dim=out.shape[1], embeddings=_embeddings(out),
+                                normalized=not request.unnormalized, truncated=truncated.tolist())
+
+    @rpc("EmbedImage")
+    async def EmbedImage(self, request: pb.EmbedImageRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        m = self.registry.get(request.model, request.version)
+        images = list(request.images)
+        metrics.ITEMS.labels("EmbedImage").inc(len(images))
+        self._check_count(len(images), "images")
+        out = await self.embed_images(m, images)
+        if not request.unnormalized:
+            out = l2_normalize(out)
+        return pb.EmbedResponse(model=_ref(m), dim=out.shape[1], embeddings=_embeddings(out),
+                                normalized=not request.unnormalized)
+
+    @rpc("Classify")
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        m = self.registry.get(request.model, request.version)
+        if m.text is None:
+            raise failed_precondition(
+                f"model {m.name}/{m.version} is image-only (kind {m.bundle.manifest.kind!r}): zero-shot "
+                "classification needs a text tower. Use a CLIP model, or embed images and search instead"
+            )
+        images, labels = list(request.images), list(request.labels)
+        templates = list(request.templates) or list(zero_shot.DEFAULT_TEMPLATES)
+        metrics.ITEMS.labels("Classify").inc(len(images))
+        self._check_count(len(images), "images")
+        zero_shot.check_labels(labels, templates, self.config.max_labels)
+        self._check_texts(labels, "labels")
+        key = (tuple(labels), tuple(templates))
+        label_emb = m.labels.get(key)
+        if label_emb is None:
+            prompts = zero_shot.prompts(labels, templates)
+            text_out, _ = await self.embed_texts(m, prompts)
+            label_emb = zero_shot.label_embeddings(text_out, len(labels), len(templates))
+            m.labels.put(key, label_emb)
+        image_emb = l2_normalize(await self.embed_images(m, images))
+        top_k = min(request.top_k or 5, len(labels))
+        results = zero_shot.classify(image_emb, label_emb, m.bundle.manifest.logit_scale, top_k)
+        return pb.ClassifyResponse(
+            model=_ref(m),
+            results=[
+                pb.Classification(top=[pb.LabelScore(label=labels[j], index=j, probability=p, cosine=c)
+                                       for j, p, c in row])
+                for row in results
+            ],
+        )
+
+
+class Models(pb_grpc.ModelsServicer):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    @staticmethod
+    def info(m: LoadedModel) -> pb.ModelInfo:
+        man = m.bundle.manifest
+        return pb.ModelInfo(
+            model=_ref(m), kind=man.kind, dim=man.dim, image_size=man.image.size,
+            context_length=man.text.context_length if man.text else 0, logit_scale=man.logit_scale,
+            precision=man.precision, architecture=man.architecture,
+            source=str(man.source.get("checkpoint") or man.source.get("weights") or ""),
+            parity_min_cosine=float(man.parity.get("min_cosine", 0.0)),
+            towers=["image", "text"] if man.text else ["image"], execution_provider=m.provider,
+        )
+
+    @rpc("ListModels")
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        default = self.registry.get("", "")
+        return pb.ListModelsResponse(models=[self.info(m) for m in self.registry.all()], default_model=_ref(default))
+
+    @rpc("GetModel")
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.info(self.registry.get(request.model, request.version))
+
+
+class Collections(pb_grpc.CollectionsServicer):
+    """Contract only, for now: every method answers UNIMPLEMENTED."""
+
+    async def _unimplemented(self, method: str) -> None:
+        raise ApiError(Code.UNIMPLEMENTED, f"Collections.{method} is not implemented in this release; "
+                       "collections and search arrive with the index")
+
+
+def _collections_stub(method: str):  # type: ignore[no-untyped-def]
+    @rpc(method)
+    async def handler(self: Collections, request: object, context: grpc.aio.ServicerContext) -> None:
+        await self._unimplemented(method)
+
+    return handler
+
+
+for _method in ("CreateCollection", "ListCollections", "DropCollection", "Upsert", "Delete", "Get", "Search"):
+    setattr(Collections, _method, _collections_stub(_method))

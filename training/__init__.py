@@ -1,0 +1,1 @@
+"""Training: data sets, models, methods (CLIP now; SSL methods to come), trainer, evaluation, export."""

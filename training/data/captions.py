@@ -1,0 +1,101 @@
+"""Image–caption pairs for CLIP training: the procedural set or your own folder.
+
+Your own data is a folder of images plus one index file in it:
+
+    captions.csv     a header row with `image,caption` (more columns are ignored)
+    captions.jsonl   one {"image": "cats/1.jpg", "caption": "a cat on a sofa"} per line
+
+Image paths are relative to the folder. An image may appear on several rows
+(several captions); each row is one training pair.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from server.preprocess import to_rgb
+
+from . import procedural
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def read_index(folder: Path) -> list[tuple[Path, str]]:
+    """(image path, caption) rows from captions.csv or captions.jsonl in `folder`."""
+    folder = Path(folder)
+    csv_path, jsonl_path = folder / "captions.csv", folder / "captions.jsonl"
+    rows: list[tuple[str, str]] = []
+    if csv_path.is_file():
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+                raise ValueError(f"{csv_path}: the header must name columns 'image' and 'caption'")
+            rows = [(r["image"], r["caption"]) for r in reader]
+    elif jsonl_path.is_file():
+        with open(jsonl_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        item = json.loads(line)
+                        rows.append((item["image"], item["caption"]))
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{jsonl_path}:{n}: expected {{\"image\": ..., \"caption\": ...}} ({e})")
+    else:
+        raise FileNotFoundError(f"{folder} has neither captions.csv nor captions.jsonl")
+    if not rows:
+        raise ValueError(f"{folder}: the caption index is empty")
+    missing = [img for img, _ in rows if not (folder / img).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} images named in the index are missing, e.g. {missing[:3]}")
+    return [(folder / img, caption) for img, caption in rows]
+
+
+class FolderCaptions(Dataset):
+    """Pairs from a folder; images are loaded and transformed on access."""
+
+    def __init__(self, folder: Path, transform: Transform):
+        self.rows, self.transform = read_index(folder), transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        path, caption = self.rows[i]
+        with Image.open(path) as img:
+            return self.transform(to_rgb(img)), caption
+
+
+class ShapesCaptions(Dataset):
+    """The procedural set, drawn once and kept in memory as preprocessed tensors.
+
+    Each access picks a caption template at random, so the same image is seen
+    with different wordings across epochs.
+    """
+
+    def __init__(self, split: str, length: int, transform: Transform, seed: int = 0,
+                 indices: range | None = None, progress: bool = True):
+        self.samples: list[procedural.Sample] = []
+        indices = indices if indices is not None else range(length)
+        self.images = torch.empty(0)
+        tensors = []
+        for i in tqdm(indices, desc=f"drawing {split} shapes", disable=not progress, leave=False):
+            spec = procedural.sample(seed, split, i)
+            tensors.append(transform(procedural.render(spec)))
+            self.samples.append(spec)
+        self.images = torch.stack(tensors)
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return self.images[i], self.samples[i].random_caption(self._rng)

@@ -1,0 +1,227 @@
+"""Export an open_clip model to a Tandem bundle (manifest + image.onnx + text.onnx).
+
+The towers are exported separately with a dynamic batch axis through
+torch.onnx (attention becomes plain MatMul/Softmax ops). Before anything is
+written to the destination, ONNX Runtime runs a fixed probe batch through each
+file and its outputs are compared with PyTorch's; a bundle whose minimum
+cosine falls under the threshold is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from server.bundle import FORMAT, ImageSpec, Manifest, TextSpec, load_bundle, sha256_of
+from server.tokenizer import ClipTokenizer
+
+from .models import build_model, preprocess_config
+
+log = logging.getLogger("tandem.export")
+
+OPSET = 18
+# Minimum cosine (ONNX Runtime vs PyTorch fp32) per precision.
+PARITY_THRESHOLD = {"fp32": 0.9999, "fp16": 0.999}
+# Ops a fused attention kernel would show up as; the export must not contain them.
+FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "ScaledDotProductAttention"}
+PROBE_TEXTS = [
+    "a photo of a dog.",
+    "a small red circle on a white background.",
+    "",
+    "an extremely long caption " + "that keeps going " * 30,
+    "Ünïcödé, emoji 🙂 and punctuation!?",
+    "a diagram",
+    "two cats on a sofa",
+    "x",
+]
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce PyTorch closely enough."""
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values.to(self.dtype)).float()
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids).float()
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: Manifest
+
+
+def _onnx_export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=["embeddings"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    graph = onnx.load(str(path))
+    fused = {n.op_type for n in graph.graph.node} & FUSED_ATTENTION_OPS
+    if fused:
+        raise RuntimeError(f"{path.name}: export produced fused attention ops {sorted(fused)}; expected plain ops")
+
+
+def ort_session(path: Path, precision: str) -> ort.InferenceSession:
+    """A CPU session for parity checks (fp16 graphs avoid ORT's layout pass, which crashes on them)."""
+    options = ort.SessionOptions()
+    if precision == "fp16":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.min())
+
+
+def probe_images(size: int, n: int = 8) -> torch.Tensor:
+    """Fixed probe batch: normalised-range noise plus smooth gradients, seed 0."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(n // 2, 3, size, size, generator=g)
+    ramp = torch.linspace(-2, 2, size)
+    smooth = (ramp[None, None, :, None] * ramp[None, None, None, :]).expand(n - n // 2, 3, size, size).clone()
+    smooth *= torch.rand(n - n // 2, 3, 1, 1, generator=g) * 2 - 1
+    return torch.cat([noise, smooth])
+
+
+def export_bundle(
+    arch: str | None,
+    out_dir: Path,
+    name: str,
+    version: str = "1",
+    checkpoint: Path | None = None,
+    precision: str = "fp32",
+    image_only: bool = False,
+    force: bool = False,
+    source_note: str | None = None,
+) -> ExportResult:
+    """Build, export, check parity, then move the bundle into out_dir/name/version."""
+    if precision not in PARITY_THRESHOLD:
+        raise ValueError(f"precision must be one of {sorted(PARITY_THRESHOLD)}")
+    dest = Path(out_dir) / name / version
+    if dest.exists() and not force:
+        raise FileExistsError(f"{dest} exists; pick another --version or pass --force")
+    model, arch_name, cfg = build_model(arch, checkpoint)
+    pp = preprocess_config(model)
+    text_cfg = cfg.get("text_cfg", {})
+    has_text = not image_only and hasattr(model, "encode_text")
+    if has_text and text_cfg.get("hf_tokenizer_name"):
+        raise ValueError(f"{arch_name} uses a Hugging Face tokenizer; only open_clip's CLIP BPE is supported")
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+    if pp.get("resize_mode", "shortest") not in ("shortest", "squash"):
+        raise ValueError(f"resize_mode {pp['resize_mode']!r} is not supported by the server")
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    reference = model
+    exported = model if precision == "fp32" else copy.deepcopy(model).to(dtype).eval()
+    context_length = int(text_cfg.get("context_length", 77))
+    threshold = PARITY_THRESHOLD[precision]
+
+    with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
+        work = Path(tmp)
+        images = probe_images(size)
+        log.info("exporting image tower of %s (%s)", arch_name, precision)
+        _onnx_export(_ImageTower(exported, dtype), images[:2], "pixel_values", work / "image.onnx")
+        with torch.no_grad():
+            ref_img = reference.encode_image(images).float().numpy()
+        got_img = ort_session(work / "image.onnx", precision).run(None, {"pixel_values": images.numpy()})[0]
+        parity: dict[str, Any] = {
+            "threshold": threshold,
+            "probe": f"{len(images)} images seed 0; {len(PROBE_TEXTS)} texts",
+            "image_min_cosine": _min_cosine(got_img, ref_img),
+            "image_max_abs_diff": float(np.abs(got_img - ref_img).max()),
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+        }
+        text_spec = None
+        if has_text:
+            log.info("exporting text tower of %s (%s)", arch_name, precision)
+            tokens = ClipTokenizer(context_length).encode_batch(PROBE_TEXTS)[0]
+            _onnx_export(_TextTower(exported), torch.from_numpy(tokens[:2]), "input_ids", work / "text.onnx")
+            with torch.no_grad():
+                ref_txt = reference.encode_text(torch.from_numpy(tokens)).float().numpy()
+            got_txt = ort_session(work / "text.onnx", precision).run(None, {"input_ids": tokens})[0]
+            parity["text_min_cosine"] = _min_cosine(got_txt, ref_txt)
+            parity["text_max_abs_diff"] = float(np.abs(got_txt - ref_txt).max())
+            text_spec = TextSpec(file="text.onnx", sha256=sha256_of(work / "text.onnx"), context_length=context_length)
+        worst = min(v for k, v in parity.items() if k.endswith("min_cosine"))
+        parity["min_cosine"] = worst
+        if worst < threshold:
+            raise ParityError(
+                f"parity check failed: ONNX Runtime vs PyTorch min cosine {worst:.6f} < {threshold} "
+                f"({precision}); no bundle written. Details: {parity}"
+            )
+        logit_scale = float(model.logit_scale.exp().item()) if has_text and hasattr(model, "logit_scale") else 0.0
+        manifest = Manifest(
+            name=name,
+            version=version,
+            kind="clip" if has_text else "image",
+            architecture=arch_name,
+            dim=int(got_img.shape[1]),
+            image=ImageSpec(
+                file="image.onnx",
+                sha256=sha256_of(work / "image.onnx"),
+                size=int(size),
+                mean=tuple(float(v) for v in pp["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in pp["std"]),  # type: ignore[arg-type]
+                resize_mode=pp.get("resize_mode", "shortest"),
+                interpolation=pp.get("interpolation", "bicubic"),
+            ),
+            text=text_spec,
+            logit_scale=logit_scale,
+            precision=precision,
+            opset=OPSET,
+            source={
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "checkpoint_sha256": sha256_of(Path(checkpoint)) if checkpoint else None,
+                "weights": "checkpoint" if checkpoint else "random-init",
+                "note": source_note,
+                "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "model_config": cfg,
+            },
+            parity=parity,
+            format=FORMAT,
+        )
+        (work / "manifest.json").write_text(manifest.to_json())
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(work, dest)
+    load_bundle(dest)  # what we wrote must load
+    log.info("wrote %s (parity min cosine %.6f)", dest, worst)
+    return ExportResult(dest, manifest)
