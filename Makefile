@@ -30,10 +30,10 @@ proto: $(STAMP)
 
 # Train the default model with our own trainer and export it to models/ (about 12 min on 2 cores).
 default-model: $(STAMP)
-	$(VENV)/bin/tandem train clip --out runs/default --no-resume
+	$(PY) benchmarks/default_training.py --out runs/default
 	$(VENV)/bin/tandem export --checkpoint runs/default/checkpoints/latest.pt --name tandem-shapes \
 		--version 1 --force --note "make default-model: tandem train clip (procedural shapes)"
-	cp runs/default/metrics.json runs/default/curves.png docs/default-model/
+	cp runs/default/benchmark.json runs/default/curves.png docs/default-model/
 
 bench: $(STAMP)
 	$(PY) benchmarks/embed_throughput.py

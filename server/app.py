@@ -48,7 +48,8 @@ class TandemServer:
             raise RuntimeError(f"could not listen on {config.host}:{config.port} (in use?)")
 
     async def _set_health(self, status: int) -> None:
-        for name in ("",) + SERVICES:
+        # Collections is contract-only for now, so health does not report it.
+        for name in ("", "tandem.v1.Inference", "tandem.v1.Models"):
             await self.health.set(name, status)
 
     async def start(self) -> None:

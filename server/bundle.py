@@ -132,6 +132,11 @@ def load_bundle(path: Path, verify_hashes: bool = True) -> Bundle:
     except json.JSONDecodeError as e:
         raise BundleError(f"{manifest_path}: not JSON ({e})") from e
     manifest.validate()
+    if (path.parent.name, path.name) != (manifest.name, manifest.version):
+        raise BundleError(
+            f"{path}: folder is {path.parent.name}/{path.name} but the manifest says "
+            f"{manifest.name}/{manifest.version}; they must match"
+        )
     files = [(manifest.image.file, manifest.image.sha256)]
     if manifest.text:
         files.append((manifest.text.file, manifest.text.sha256))
@@ -145,7 +150,8 @@ def load_bundle(path: Path, verify_hashes: bool = True) -> Bundle:
 
 
 def version_key(version: str) -> tuple[int, int | str]:
-    return (0, int(version)) if version.isdigit() else (1, version)
+    """Order versions: named ones ("beta") below numbered ones, numbers numerically."""
+    return (1, int(version)) if version.isdigit() else (0, version)
 
 
 def discover(repository: Path) -> list[Path]:

@@ -30,6 +30,8 @@ EPILOG = """examples:
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # -- serve ----------------------------------------------------------------------
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'shapes' (procedural, with zero-shot evaluation) or a folder with captions.csv/.jsonl")
     p.add_argument("--init", help="start from the weights in this checkpoint file")
     p.add_argument("--out", default="runs/clip", help="run folder: checkpoints, TensorBoard logs, curves.png")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per step per process")
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=float, default=0.1)

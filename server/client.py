@@ -22,7 +22,9 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 ImageLike = Union[bytes, str, Path]
-_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
 
 
 @dataclass
@@ -80,8 +82,8 @@ class TandemClient:
     """Blocking client. `model`/`version` empty = the server's default."""
 
     def __init__(self, target: str = "127.0.0.1:50051", model: str = "", version: str = "",
-                 timeout_s: float | None = 30.0):
-        self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20):
+        self.channel = grpc.insecure_channel(target, options=_options(max_message_bytes))
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.models = pb_grpc.ModelsStub(self.channel)
         self.req, self.timeout_s = _Requests(model, version), timeout_s
@@ -101,6 +103,9 @@ class TandemClient:
     def list_models(self) -> pb.ListModelsResponse:
         return self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
 
+    def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
+        return self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -115,8 +120,8 @@ class AsyncTandemClient:
     """asyncio client with the same methods as TandemClient, awaitable."""
 
     def __init__(self, target: str = "127.0.0.1:50051", model: str = "", version: str = "",
-                 timeout_s: float | None = 30.0):
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20):
+        self.channel = grpc.aio.insecure_channel(target, options=_options(max_message_bytes))
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.models = pb_grpc.ModelsStub(self.channel)
         self.req, self.timeout_s = _Requests(model, version), timeout_s
@@ -136,6 +141,9 @@ class AsyncTandemClient:
 
     async def list_models(self) -> pb.ListModelsResponse:
         return await self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
+
+    async def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
+        return await self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -52,26 +52,30 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
         @functools.wraps(handler)
         async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
             started = time.perf_counter()
-            code = Code.OK
-            try:
-                return await handler(self, request, context)
-            except ApiError as e:
-                code = e.code
-                await context.abort(e.code, e.message)
-            except QueueFull as e:
-                code = Code.RESOURCE_EXHAUSTED
-                await context.abort(code, str(e))
-            except asyncio.CancelledError:
-                code = Code.CANCELLED
-                raise
-            except Exception:
-                code = Code.INTERNAL
-                log.exception("%s failed", method)
-                await context.abort(code, f"{method} failed inside the server; the error is in the server log")
-            finally:
+
+            def record(code: grpc.StatusCode) -> None:
+                # Before the status goes out, so a client that sees it also sees it counted.
                 metrics.REQUESTS.labels(method, code.name).inc()
                 metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
-            raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+            try:
+                response = await handler(self, request, context)
+            except ApiError as e:
+                record(e.code)
+                await context.abort(e.code, e.message)
+            except QueueFull as e:
+                record(Code.RESOURCE_EXHAUSTED)
+                await context.abort(Code.RESOURCE_EXHAUSTED, str(e))
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                record(Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED)
+                raise
+            except Exception:
+                log.exception("%s failed", method)
+                record(Code.INTERNAL)
+                await context.abort(Code.INTERNAL, f"{method} failed inside the server; the error is in the server log")
+            record(Code.OK)
+            return response
 
         return wrapped
 

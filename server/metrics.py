@@ -1,8 +1,8 @@
 """Prometheus metrics, one place. Scraped from http://<host>:<metrics_port>/metrics.
 
-Stages (label `stage`): decode (bytes -> RGB, includes resize/normalise for
-images: label `preprocess`), tokenize, queue (waiting in the batcher),
-inference (one ONNX Runtime run, per batch).
+Stages (label `stage`): preprocess (decode + resize + normalise all images of
+a request), tokenize (all texts of a request), queue (a request's wait in the
+batcher), inference (one ONNX Runtime run, per batch).
 """
 
 from __future__ import annotations

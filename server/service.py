@@ -130,6 +130,11 @@ class Inference(pb_grpc.InferenceServicer):
         metrics.ITEMS.labels("Classify").inc(len(images))
         self._check_count(len(images), "images")
         zero_shot.check_labels(labels, templates, self.config.max_labels)
+        if len(labels) * len(templates) > self.config.max_queue_rows:
+            raise invalid(
+                f"{len(labels)} labels x {len(templates)} templates = {len(labels) * len(templates)} prompts, more "
+                f"than the text queue holds (max_queue_rows={self.config.max_queue_rows}); send fewer of either"
+            )
         self._check_texts(labels, "labels")
         key = (tuple(labels), tuple(templates))
         label_emb = m.labels.get(key)

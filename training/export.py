@@ -222,6 +222,7 @@ def export_bundle(
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(work, dest)
+        dest.chmod(0o755)  # the temporary folder was private
     load_bundle(dest)  # what we wrote must load
     log.info("wrote %s (parity min cosine %.6f)", dest, worst)
     return ExportResult(dest, manifest)

@@ -89,7 +89,10 @@ def build_model(arch: str | None, checkpoint: Path | None = None) -> tuple[torch
     if state is not None:
         weights = state.get("state_dict", state)
         weights = {k.removeprefix("module."): v for k, v in weights.items()}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # same names, other shapes
+            raise ValueError(f"{checkpoint} does not fit {name}: {str(e).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(
                 f"{checkpoint} does not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "

@@ -152,3 +152,10 @@ def test_bad_client_does_not_disturb_concurrent_good_clients(tiny_server) -> Non
         assert list(goods) == [2] * 20
         assert set(bads) == {C.INVALID_ARGUMENT}
     channel.close()
+
+
+def test_more_prompts_than_the_queue_holds_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
+    templates = [f"{{}} {i}" for i in range(820)]  # 5 labels x 820 templates = 4100 > max_queue_rows 4096
+    expect(lambda: stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=list("abcde"), templates=templates),
+                                 timeout=30),
+           C.INVALID_ARGUMENT, "4100 prompts", "max_queue_rows=4096")

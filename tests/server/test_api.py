@@ -1,0 +1,178 @@
+"""The gRPC API over real localhost connections: embeddings, zero-shot, models,
+health, reflection, metrics and the not-yet-implemented Collections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from server.bundle import load_bundle
+from server.client import AsyncTandemClient, TandemClient
+from server.preprocess import preprocess
+from server.tokenizer import ClipTokenizer
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tests.conftest import png_bytes
+
+RED = png_bytes(Image.new("RGB", (50, 40), (220, 30, 30)))
+BLUE = png_bytes(Image.new("RGB", (30, 60), (30, 30, 220)), "JPEG")
+
+
+def raw_onnx(repo, tower: str, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    path = repo / "tiny-clip" / "1" / f"{tower}.onnx"
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def test_text_embeddings_equal_raw_onnx_runtime_normalised(tiny_server, tiny_repo) -> None:  # type: ignore[no-untyped-def]
+    texts = ["a red circle", "a blue square", "x"]
+    with TandemClient(tiny_server.target) as c:
+        r = c.embed_text(texts)
+        raw = c.embed_text(texts, normalize=False)
+    ids, _ = ClipTokenizer(16).encode_batch(texts)
+    want = raw_onnx(tiny_repo, "text", ids)
+    np.testing.assert_allclose(raw.embeddings, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r.embeddings, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+    assert r.normalized and not raw.normalized
+    assert (r.model, r.version) == ("tiny-clip", "1")
+    assert r.embeddings.dtype == np.float32 and r.embeddings.shape == (3, 32)
+
+
+def test_image_embeddings_equal_raw_onnx_runtime(tiny_server, tiny_repo) -> None:  # type: ignore[no-untyped-def]
+    spec = load_bundle(tiny_repo / "tiny-clip" / "1").manifest.image
+    with TandemClient(tiny_server.target) as c:
+        r = c.embed_image([RED, BLUE], normalize=False)
+    x = np.stack([preprocess(b, spec, 10**8) for b in (RED, BLUE)])
+    np.testing.assert_allclose(r.embeddings, raw_onnx(tiny_repo, "image", x), rtol=1e-4, atol=1e-5)
+
+
+def test_image_files_from_disk(tiny_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "red.png"
+    path.write_bytes(RED)
+    with TandemClient(tiny_server.target) as c:
+        by_path, by_bytes = c.embed_image([path]).embeddings, c.embed_image([RED]).embeddings
+    np.testing.assert_array_equal(by_path, by_bytes)
+
+
+def test_classify_probabilities_follow_cosines(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    labels = ["red", "blue", "green"]
+    with TandemClient(tiny_server.target) as c:
+        top = c.classify([RED], labels, templates=["{}"], top_k=3)[0]
+        img = c.embed_image([RED]).embeddings[0]
+        lab = c.embed_text(labels).embeddings
+    assert sorted(s.index for s in top) == [0, 1, 2]
+    assert abs(sum(s.probability for s in top) - 1) < 1e-5
+    assert [s.probability for s in top] == sorted((s.probability for s in top), reverse=True)
+    for s in top:  # with the "{}" template the label embedding is the label's text embedding
+        assert s.cosine == pytest.approx(float(img @ lab[s.index]), abs=1e-4)
+        assert s.label == labels[s.index]
+
+
+def test_top_k_defaults_to_five_and_caps_at_label_count(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(tiny_server.target) as c:
+        assert len(c.classify([RED], ["a", "b", "c", "d", "e"], top_k=0)[0]) == 5
+        assert len(c.classify([RED], ["a", "b"], top_k=10)[0]) == 2
+
+
+def test_async_client(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> tuple[int, int]:
+        async with AsyncTandemClient(tiny_server.target) as c:
+            texts, images = await asyncio.gather(c.embed_text(["a", "b"]), c.embed_image([RED]))
+            return len(texts.embeddings), len(images.embeddings)
+
+    assert asyncio.run(main()) == (2, 1)
+
+
+def test_list_and_get_models(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(tiny_server.target) as c:
+        r = c.list_models()
+    by_name = {m.model.name: m for m in r.models}
+    assert set(by_name) == {"tiny-clip", "tiny-image"}
+    assert r.default_model.name == "tiny-clip"
+    clip = by_name["tiny-clip"]
+    assert (clip.kind, clip.dim, clip.image_size, clip.context_length) == ("clip", 32, 32, 16)
+    assert list(clip.towers) == ["image", "text"] and clip.parity_min_cosine >= 0.9999
+    assert by_name["tiny-image"].kind == "image" and by_name["tiny-image"].context_length == 0
+    stub = pb_grpc.ModelsStub(tiny_server.channel())
+    assert stub.GetModel(pb.GetModelRequest(model="tiny-image")).model.name == "tiny-image"
+
+
+def test_health_is_serving_once_loaded(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    stub = health_pb2_grpc.HealthStub(tiny_server.channel())
+    for service in ("", "tandem.v1.Inference"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_is_not_serving_until_models_are_loaded(tiny_repo) -> None:  # type: ignore[no-untyped-def]
+    from server.app import TandemServer
+    from server.config import ServerConfig
+
+    async def main() -> tuple[int, grpc.StatusCode]:
+        server = TandemServer(ServerConfig(models=str(tiny_repo), port=0, metrics_port=0))
+        await server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.server.start()  # listening, models not loaded yet
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            status = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())).status
+            try:
+                await pb_grpc.InferenceStub(ch).EmbedText(pb.EmbedTextRequest(texts=["a"]))
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+        await server.stop(0)
+        return status, code
+
+    status, code = asyncio.run(main())
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_collections_answer_unimplemented(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    stub = pb_grpc.CollectionsStub(tiny_server.channel())
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Search(pb.SearchRequest(collection="c", text="a"))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "not implemented" in info.value.details()
+
+
+def test_metrics_count_requests_stages_and_batches(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before_ok = value("tandem_requests_total", method="EmbedImage", code="OK")
+    before_bad = value("tandem_requests_total", method="EmbedImage", code="INVALID_ARGUMENT")
+    before_batches = value("tandem_batch_size_count", model="tiny-clip", tower="image")
+    with TandemClient(tiny_server.target) as c:
+        c.embed_image([RED])
+        with pytest.raises(grpc.RpcError):
+            c.embed_image([b"junk"])
+    assert value("tandem_requests_total", method="EmbedImage", code="OK") == before_ok + 1
+    assert value("tandem_requests_total", method="EmbedImage", code="INVALID_ARGUMENT") == before_bad + 1
+    assert value("tandem_batch_size_count", model="tiny-clip", tower="image") == before_batches + 1
+    for stage in ("preprocess", "queue", "inference"):
+        assert value("tandem_stage_seconds_count", stage=stage, model="tiny-clip", tower="image") > 0
+    assert value("tandem_request_seconds_count", method="EmbedImage") > 0
+
+
+def test_metrics_endpoint_serves_prometheus_text(tiny_repo) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import urllib.request
+
+    from prometheus_client import start_http_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server, thread = start_http_server(port, addr="127.0.0.1")
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        server.shutdown()
+    assert "tandem_requests_total" in body and "tandem_batch_size" in body

@@ -1,0 +1,58 @@
+"""One typed configuration: defaults < TOML file < TANDEM_* environment < flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server import config as cfg
+
+
+def parse(*flags: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    cfg.add_arguments(p)
+    return p.parse_args(list(flags))
+
+
+def test_precedence_file_env_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "t.toml"
+    f.write_text("[server]\nport = 6000\nmax_batch_size = 8\nmetrics_port = 9999\nverify_hashes = false\n")
+    env = {"TANDEM_MAX_BATCH_SIZE": "16", "TANDEM_METRICS_PORT": "0"}
+    c = cfg.load(parse("--config", str(f), "--max-batch-size", "64"), env)
+    assert c.port == 6000  # file
+    assert c.metrics_port == 0  # env beats file
+    assert c.max_batch_size == 64  # flag beats env
+    assert c.verify_hashes is False and c.host == "127.0.0.1"  # file bool; default
+
+
+def test_config_file_from_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "t.toml"
+    f.write_text("device = 'cpu'\n")
+    assert cfg.load(parse(), {"TANDEM_CONFIG": str(f)}).device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [({"TANDEM_PORT": "abc"}, "TANDEM_PORT: expected int"), ({"TANDEM_DEVICE": "tpu"}, "device must be"),
+     ({"TANDEM_VERIFY_HASHES": "maybe"}, "expected true/false")],
+)
+def test_bad_values_say_where_they_came_from(env, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        cfg.load(parse(), env)
+
+
+def test_unknown_file_setting_is_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "t.toml"
+    f.write_text("max_batch = 3\n")
+    with pytest.raises(ValueError, match="unknown setting 'max_batch'"):
+        cfg.load(parse("--config", str(f)), {})
+
+
+def test_every_field_has_help_and_a_flag() -> None:
+    p = argparse.ArgumentParser()
+    cfg.add_arguments(p)
+    text = p.format_help()
+    for f in cfg.fields(cfg.ServerConfig):
+        assert f.metadata["help"]
+        assert "--" + f.name.replace("_", "-") in text
