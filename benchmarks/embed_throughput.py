@@ -34,11 +34,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tandem.v1 import tandem_pb2 as pb  # noqa: E402
+from tandem.v1 import tandem_pb2_grpc as pb_grpc  # noqa: E402
+
 from server.bundle import discover, load_bundle  # noqa: E402
 from server.preprocess import preprocess  # noqa: E402
 from server.tokenizer import ClipTokenizer  # noqa: E402
-from tandem.v1 import tandem_pb2 as pb  # noqa: E402
-from tandem.v1 import tandem_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def sample_images(n: int) -> list[bytes]:

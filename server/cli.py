@@ -2,6 +2,8 @@
 
     tandem serve                      serve every bundle under models/
     tandem train clip                 train CLIP (default: small ViT on procedural shapes)
+    tandem train simclr|moco-v2|...   train a self-supervised image encoder
+    tandem eval knn|linear            frozen-feature accuracy of an encoder
     tandem export --checkpoint FILE   write a model bundle (ONNX + manifest), parity-checked
     tandem embed / classify           call a running server with texts or image files
     tandem models                     list loaded models (server) or known architectures
@@ -28,10 +30,9 @@ EPILOG = """examples:
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Libraries (open_clip logs to the root logger) speak at WARNING; Tandem at `level`.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tandem").setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 # -- serve ----------------------------------------------------------------------
@@ -47,20 +48,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- train ----------------------------------------------------------------------
+TRAIN_DEFAULTS = {  # per method: steps, lr, weight decay, batch size
+    "clip": (2000, 4e-3, 0.1, 256),
+    "mae": (500, 1.5e-3, 0.05, 128),
+}
+SSL_DEFAULTS = (500, 1e-3, 1e-4, 128)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging()
     from training import distributed
-    from training.methods.clip import Clip, ClipConfig
     from training.trainer import TrainConfig, Trainer
 
+    steps, lr, wd, batch = TRAIN_DEFAULTS.get(args.method.replace("-", "_"), SSL_DEFAULTS)
+    args.out = args.out or f"runs/{args.method}"
     dist = distributed.setup(args.device)
     try:
-        method = Clip(ClipConfig(model=args.model, data=args.data, init=args.init, train_size=args.train_size,
-                                 val_size=args.val_size, test_size=args.test_size, seed=args.seed), dist)
-        config = TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                             workers=args.workers, resume=not args.no_resume, progress=not args.no_progress)
+        if args.method == "clip":
+            from training.methods.clip import Clip, ClipConfig
+
+            method = Clip(ClipConfig(model=args.model, data=args.data, init=args.init, train_size=args.train_size,
+                                     val_size=args.val_size, test_size=args.test_size, seed=args.seed), dist)
+        else:
+            from training.methods import ssl_class
+            from training.methods.base import SSLConfig
+
+            config = SSLConfig(method=args.method.replace("-", "_"), backbone=args.backbone,
+                               image_size=args.image_size, patch_size=args.patch_size, data=args.data,
+                               train_size=args.train_size, eval_bank_size=args.eval_bank_size,
+                               eval_size=args.val_size, seed=args.seed, hidden_dim=args.hidden_dim,
+                               out_dim=args.out_dim, temperature=args.temperature, momentum=args.momentum,
+                               queue_size=args.queue_size, prototypes=args.prototypes, local_crops=args.local_crops,
+                               mask_ratio=args.mask_ratio)
+            method = ssl_class(args.method)(config, dist)
+        config = TrainConfig(out=args.out, steps=args.steps or steps, batch_size=args.batch_size or batch,
+                             lr=args.lr or lr, weight_decay=args.weight_decay if args.weight_decay is not None else wd,
+                             warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                             checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
+                             resume=not args.no_resume, progress=not args.no_progress, optimizer=args.optimizer)
         metrics = Trainer(method, config, dist).fit()
         if dist.is_main:
             print(json.dumps(metrics, indent=2))
@@ -71,6 +96,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    _setup_logging()
+    import torch
+
+    from training.evaluation.probe import evaluate_encoder, labelled_sets
+
+    encoder, transform, what = _encoder_for_eval(args)
+    train, test = labelled_sets(args.data, transform, args.train_size, args.test_size, args.split, args.seed,
+                                args.label)
+    result = evaluate_encoder(encoder, train, test, linear=args.kind == "linear")
+    torch.set_printoptions(precision=4)
+    print(f"{what}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    if args.json:
+        print(json.dumps({"encoder": what, **result}))
+    return 0
+
+
+def _encoder_for_eval(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """(encoder module, its eval transform, description) from a checkpoint or a random init."""
+    from training.backbones import build_backbone
+    from training.models import read_checkpoint
+    from training.transforms import eval_transform
+
+    if args.checkpoint:
+        state = read_checkpoint(Path(args.checkpoint))
+        if "ssl_config" in state:
+            from training.methods import ssl_class
+            from training.methods.base import SSLConfig
+
+            method = ssl_class(state["method"])(SSLConfig(**state["ssl_config"]))
+            method.load_state_dict(state["state_dict"])
+            c = method.config
+            return method.backbone, eval_transform(c.image_size), f"{method.name}/{c.backbone} step {state.get('step')}"
+        import open_clip
+
+        from training.models import build_model, preprocess_config
+
+        model, name, _ = build_model(None, Path(args.checkpoint))
+        pp = preprocess_config(model)
+        transform = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"])
+        return model.visual, transform, f"CLIP image tower {name}"
+    return (build_backbone(args.backbone, args.image_size, args.patch_size), eval_transform(args.image_size),
+            f"random-init {args.backbone}")
+
+
 # -- export ---------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     _setup_logging()
@@ -79,7 +149,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         result = export_bundle(args.model, Path(args.out), args.name, args.version,
                                Path(args.checkpoint) if args.checkpoint else None, args.precision,
-                               image_only=args.image_only, force=args.force, source_note=args.note)
+                               image_only=args.image_only, force=args.force, source_note=args.note,
+                               with_projector=args.with_projector)
     except ParityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -184,25 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("train", help="train a model (CLIP for now)",
-                       description="Train CLIP on procedural shapes (default) or on your own image-caption "
-                       "folder. Resumes from OUT/checkpoints/latest.pt when it exists. Several GPUs (or CPU "
-                       "processes): torchrun --nproc_per_node N -m server.cli train clip ...")
-    p.add_argument("method", choices=["clip"], help="training method")
-    p.add_argument("--model", default="tandem-shapes-vit",
-                   help="open_clip architecture name, one of training/configs/*.json, or a .json config path")
+    p = sub.add_parser("train", help="train CLIP or a self-supervised image encoder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train CLIP on procedural shapes (default) or your image-caption folder, or a "
+                       "self-supervised visual encoder (SimCLR, MoCo v2/v3, BYOL, SimSiam, SwAV, MAE) on "
+                       "procedural shapes or a folder of images. Resumes from OUT/checkpoints/latest.pt when it "
+                       "exists. Several GPUs (or CPU processes): torchrun --nproc_per_node N -m server.cli train ...",
+                       epilog="defaults per method (steps, lr, weight decay, batch): clip 2000, 4e-3, 0.1, 256; "
+                       "mae 500, 1.5e-3, 0.05, 128; the others 500, 1e-3, 1e-4, 128.")
+    p.add_argument("method", choices=["clip", "simclr", "moco-v2", "moco-v3", "byol", "simsiam", "swav", "mae"],
+                   help="training method")
     p.add_argument("--data", default="shapes",
-                   help="'shapes' (procedural, with zero-shot evaluation) or a folder with captions.csv/.jsonl")
-    p.add_argument("--init", help="start from the weights in this checkpoint file")
-    p.add_argument("--out", default="runs/clip", help="run folder: checkpoints, TensorBoard logs, curves.png")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=256, help="pairs per step per process")
-    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
+                   help="'shapes' (procedural, with evaluation) or a folder: captions.csv/.jsonl for clip; "
+                   "an ImageFolder or a flat folder of images for the others")
+    p.add_argument("--out", help="run folder: checkpoints, TensorBoard logs, curves.png (default runs/METHOD)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default per method, see below)")
+    p.add_argument("--batch-size", type=int, help="images (pairs) per step per process")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lars", "sgd"],
+                   help="LARS as in SimCLR/BYOL/SwAV for large batches (use lr 0.3 x batch/256)")
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=250, help="zero-shot evaluation on the val split every N steps")
+    p.add_argument("--eval-every", type=int, default=250, help="evaluate on the val split every N steps")
     p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--train-size", type=int, default=20_000, help="procedural training pairs")
+    p.add_argument("--train-size", type=int, default=20_000, help="procedural training images")
     p.add_argument("--val-size", type=int, default=1_000)
     p.add_argument("--test-size", type=int, default=2_000)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -210,7 +286,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    g = p.add_argument_group("clip")
+    g.add_argument("--model", default="tandem-shapes-vit",
+                   help="open_clip architecture name, one of training/configs/*.json, or a .json config path")
+    g.add_argument("--init", help="start from the weights in this checkpoint file")
+    g = p.add_argument_group("self-supervised methods")
+    g.add_argument("--backbone", default="resnet18-small",
+                   help="resnet18-small, resnet18, vit-micro, vit-tiny, vit-small or timm:NAME (MAE: a ViT)")
+    g.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
+    g.add_argument("--patch-size", type=int, help="ViT patch size (default image_size // 8)")
+    g.add_argument("--hidden-dim", type=int, default=512, help="projector/predictor hidden width")
+    g.add_argument("--out-dim", type=int, default=128, help="projection width")
+    g.add_argument("--temperature", type=float, help="contrastive/softmax temperature (default: the paper's)")
+    g.add_argument("--momentum", type=float, default=0.99, help="EMA momentum of MoCo/BYOL target networks (start)")
+    g.add_argument("--queue-size", type=int, default=4096, help="MoCo v2 negatives queue")
+    g.add_argument("--prototypes", type=int, default=100, help="SwAV prototypes")
+    g.add_argument("--local-crops", type=int, default=4, help="SwAV small crops per image")
+    g.add_argument("--mask-ratio", type=float, default=0.75, help="MAE fraction of patches hidden")
+    g.add_argument("--eval-bank-size", type=int, default=2_000, help="labelled images the kNN monitor searches")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="kNN or linear-probe accuracy of an image encoder's frozen features",
+                       description="Evaluate the image encoder of a checkpoint (self-supervised or CLIP), or a "
+                       "random-init backbone, on labelled data: weighted kNN (k=20) and, with 'linear', a linear "
+                       "probe; plus collapse statistics (per-dimension std, effective rank).")
+    p.add_argument("kind", choices=["knn", "linear"])
+    p.add_argument("--checkpoint", help="checkpoint file; omitted = random-init --backbone")
+    p.add_argument("--data", default="shapes", help="'shapes' or an ImageFolder (80/20 split)")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="procedural split to score on")
+    p.add_argument("--label", default="class", choices=["class", "shape"],
+                   help="shapes: score the 56 size-colour-shape classes or the 4 shapes")
+    p.add_argument("--train-size", type=int, default=5_000, help="labelled training images (kNN bank / probe)")
+    p.add_argument("--test-size", type=int, default=2_000)
+    p.add_argument("--backbone", default="resnet18-small", help="for a random-init baseline")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="also print one JSON line")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a model to an ONNX bundle (parity-checked)",
                        description="Export an open_clip model to models/NAME/VERSION: manifest.json, "
@@ -223,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models", help="model repository folder")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--image-only", action="store_true", help="export only the image tower")
+    p.add_argument("--with-projector", action="store_true",
+                   help="self-supervised checkpoints: export backbone + projector (default: backbone features)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle version")
     p.add_argument("--note", help="free text stored in the manifest's source")
     p.set_defaults(func=cmd_export)

@@ -11,7 +11,8 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import metrics
 from .batcher import Batcher
-from .bundle import Bundle, version_key, discover, load_bundle
+from .bundle import Bundle, discover, load_bundle, version_key
 from .config import ServerConfig
 from .errors import not_found, unavailable
 from .runtime import Tower, choose_providers

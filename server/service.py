@@ -7,7 +7,6 @@ import time
 
 import grpc
 import numpy as np
-
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 

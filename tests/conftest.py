@@ -7,17 +7,16 @@ import asyncio
 import io
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
+import torch
 from PIL import Image
 
 from server.app import TandemServer
 from server.config import ServerConfig
-import torch
-
 from training.export import export_bundle
 from training.models import build_model
 

@@ -27,7 +27,7 @@ import torch
 from server.bundle import FORMAT, ImageSpec, Manifest, TextSpec, load_bundle, sha256_of
 from server.tokenizer import ClipTokenizer
 
-from .models import build_model, preprocess_config
+from .models import build_model, preprocess_config, read_checkpoint
 
 log = logging.getLogger("tandem.export")
 
@@ -52,22 +52,71 @@ class ParityError(RuntimeError):
     """The exported graph does not reproduce PyTorch closely enough."""
 
 
-class _ImageTower(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+class _Encode(torch.nn.Module):
+    """Exportable view of one tower: casts inputs to the tower's dtype and outputs to float32."""
+
+    def __init__(self, model: torch.nn.Module, method: str, dtype: torch.dtype | None):
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model, self.method, self.dtype = model, method, dtype
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixel_values.to(self.dtype)).float()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        fn = self.model if self.method == "__call__" else getattr(self.model, self.method)
+        return fn(x).float()
 
 
-class _TextTower(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
+@dataclass
+class Towers:
+    """What a bundle is made of, before export: modules to export and fp32 references to check them."""
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids).float()
+    image: torch.nn.Module
+    image_reference: torch.nn.Module
+    preprocessing: dict[str, Any]  # size, mean, std, resize_mode, interpolation
+    architecture: str
+    config: dict[str, Any]
+    text: torch.nn.Module | None = None
+    text_reference: torch.nn.Module | None = None
+    context_length: int = 0
+    logit_scale: float = 0.0
+
+
+def clip_towers(arch: str | None, checkpoint: Path | None, precision: str, image_only: bool) -> Towers:
+    model, arch_name, cfg = build_model(arch, checkpoint)
+    pp = preprocess_config(model)
+    text_cfg = cfg.get("text_cfg", {})
+    has_text = not image_only and hasattr(model, "encode_text")
+    if has_text and text_cfg.get("hf_tokenizer_name"):
+        raise ValueError(f"{arch_name} uses a Hugging Face tokenizer; only open_clip's CLIP BPE is supported")
+    if pp.get("resize_mode", "shortest") not in ("shortest", "squash"):
+        raise ValueError(f"resize_mode {pp['resize_mode']!r} is not supported by the server")
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    exported = model if precision == "fp32" else copy.deepcopy(model).to(dtype).eval()
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+    return Towers(
+        image=_Encode(exported, "encode_image", dtype), image_reference=_Encode(model, "encode_image", None),
+        preprocessing={**pp, "size": int(size)}, architecture=arch_name, config=cfg,
+        text=_Encode(exported, "encode_text", None) if has_text else None,
+        text_reference=_Encode(model, "encode_text", None) if has_text else None,
+        context_length=int(text_cfg.get("context_length", 77)),
+        logit_scale=float(model.logit_scale.exp().item()) if has_text and hasattr(model, "logit_scale") else 0.0,
+    )
+
+
+def ssl_towers(state: dict[str, Any], precision: str, with_projector: bool) -> Towers:
+    """The encoder of a self-supervised checkpoint (backbone, optionally + projector)."""
+    from training.methods import ssl_class
+    from training.methods.base import SSLConfig
+
+    config = SSLConfig(**state["ssl_config"])
+    method = ssl_class(state["method"])(config)
+    method.load_state_dict(state["state_dict"])
+    encoder = method.encoder(with_projector).eval()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    exported = encoder if precision == "fp32" else copy.deepcopy(encoder).to(dtype).eval()
+    arch = f"{method.name}/{config.backbone}" + ("+projector" if with_projector else "")
+    return Towers(image=_Encode(exported, "__call__", dtype), image_reference=_Encode(encoder, "__call__", None),
+                  preprocessing=method.preprocessing(), architecture=arch, config=state["ssl_config"])
 
 
 @dataclass
@@ -120,6 +169,10 @@ def probe_images(size: int, n: int = 8) -> torch.Tensor:
     return torch.cat([noise, smooth])
 
 
+def is_ssl_checkpoint(state: dict[str, Any]) -> bool:
+    return "ssl_config" in state
+
+
 def export_bundle(
     arch: str | None,
     out_dir: Path,
@@ -130,55 +183,58 @@ def export_bundle(
     image_only: bool = False,
     force: bool = False,
     source_note: str | None = None,
+    with_projector: bool = False,
 ) -> ExportResult:
-    """Build, export, check parity, then move the bundle into out_dir/name/version."""
+    """Build, export, check parity, then move the bundle into out_dir/name/version.
+
+    A CLIP model (open_clip architecture, random init or a checkpoint) gives a
+    `clip` bundle (or `image` with image_only); a self-supervised checkpoint
+    from `tandem train <method>` gives an `image` bundle of its backbone
+    (plus projector with with_projector).
+    """
     if precision not in PARITY_THRESHOLD:
         raise ValueError(f"precision must be one of {sorted(PARITY_THRESHOLD)}")
     dest = Path(out_dir) / name / version
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} exists; pick another --version or pass --force")
-    model, arch_name, cfg = build_model(arch, checkpoint)
-    pp = preprocess_config(model)
-    text_cfg = cfg.get("text_cfg", {})
-    has_text = not image_only and hasattr(model, "encode_text")
-    if has_text and text_cfg.get("hf_tokenizer_name"):
-        raise ValueError(f"{arch_name} uses a Hugging Face tokenizer; only open_clip's CLIP BPE is supported")
-    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
-    if pp.get("resize_mode", "shortest") not in ("shortest", "squash"):
-        raise ValueError(f"resize_mode {pp['resize_mode']!r} is not supported by the server")
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    reference = model
-    exported = model if precision == "fp32" else copy.deepcopy(model).to(dtype).eval()
-    context_length = int(text_cfg.get("context_length", 77))
+    state = read_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and is_ssl_checkpoint(state):
+        towers = ssl_towers(state, precision, with_projector)
+    elif with_projector:
+        raise ValueError("--with-projector applies to self-supervised checkpoints only")
+    else:
+        towers = clip_towers(arch, checkpoint, precision, image_only)
     threshold = PARITY_THRESHOLD[precision]
+    size = towers.preprocessing["size"]
 
     with tempfile.TemporaryDirectory(prefix="tandem-export-") as tmp:
         work = Path(tmp)
         images = probe_images(size)
-        log.info("exporting image tower of %s (%s)", arch_name, precision)
-        _onnx_export(_ImageTower(exported, dtype), images[:2], "pixel_values", work / "image.onnx")
+        log.info("exporting image tower of %s (%s)", towers.architecture, precision)
+        _onnx_export(towers.image, images[:2], "pixel_values", work / "image.onnx")
         with torch.no_grad():
-            ref_img = reference.encode_image(images).float().numpy()
+            ref_img = towers.image_reference(images).numpy()
         got_img = ort_session(work / "image.onnx", precision).run(None, {"pixel_values": images.numpy()})[0]
         parity: dict[str, Any] = {
             "threshold": threshold,
-            "probe": f"{len(images)} images seed 0; {len(PROBE_TEXTS)} texts",
+            "probe": f"{len(images)} images seed 0" + (f"; {len(PROBE_TEXTS)} texts" if towers.text else ""),
             "image_min_cosine": _min_cosine(got_img, ref_img),
             "image_max_abs_diff": float(np.abs(got_img - ref_img).max()),
             "onnxruntime": ort.__version__,
             "torch": torch.__version__,
         }
         text_spec = None
-        if has_text:
-            log.info("exporting text tower of %s (%s)", arch_name, precision)
-            tokens = ClipTokenizer(context_length).encode_batch(PROBE_TEXTS)[0]
-            _onnx_export(_TextTower(exported), torch.from_numpy(tokens[:2]), "input_ids", work / "text.onnx")
+        if towers.text is not None and towers.text_reference is not None:
+            log.info("exporting text tower of %s (%s)", towers.architecture, precision)
+            tokens = ClipTokenizer(towers.context_length).encode_batch(PROBE_TEXTS)[0]
+            _onnx_export(towers.text, torch.from_numpy(tokens[:2]), "input_ids", work / "text.onnx")
             with torch.no_grad():
-                ref_txt = reference.encode_text(torch.from_numpy(tokens)).float().numpy()
+                ref_txt = towers.text_reference(torch.from_numpy(tokens)).numpy()
             got_txt = ort_session(work / "text.onnx", precision).run(None, {"input_ids": tokens})[0]
             parity["text_min_cosine"] = _min_cosine(got_txt, ref_txt)
             parity["text_max_abs_diff"] = float(np.abs(got_txt - ref_txt).max())
-            text_spec = TextSpec(file="text.onnx", sha256=sha256_of(work / "text.onnx"), context_length=context_length)
+            text_spec = TextSpec(file="text.onnx", sha256=sha256_of(work / "text.onnx"),
+                                 context_length=towers.context_length)
         worst = min(v for k, v in parity.items() if k.endswith("min_cosine"))
         parity["min_cosine"] = worst
         if worst < threshold:
@@ -186,12 +242,12 @@ def export_bundle(
                 f"parity check failed: ONNX Runtime vs PyTorch min cosine {worst:.6f} < {threshold} "
                 f"({precision}); no bundle written. Details: {parity}"
             )
-        logit_scale = float(model.logit_scale.exp().item()) if has_text and hasattr(model, "logit_scale") else 0.0
+        pp = towers.preprocessing
         manifest = Manifest(
             name=name,
             version=version,
-            kind="clip" if has_text else "image",
-            architecture=arch_name,
+            kind="clip" if text_spec else "image",
+            architecture=towers.architecture,
             dim=int(got_img.shape[1]),
             image=ImageSpec(
                 file="image.onnx",
@@ -203,7 +259,7 @@ def export_bundle(
                 interpolation=pp.get("interpolation", "bicubic"),
             ),
             text=text_spec,
-            logit_scale=logit_scale,
+            logit_scale=towers.logit_scale,
             precision=precision,
             opset=OPSET,
             source={
@@ -212,7 +268,7 @@ def export_bundle(
                 "weights": "checkpoint" if checkpoint else "random-init",
                 "note": source_note,
                 "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "model_config": cfg,
+                "model_config": towers.config,
             },
             parity=parity,
             format=FORMAT,

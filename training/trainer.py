@@ -11,9 +11,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -40,6 +41,7 @@ class TrainConfig:
     workers: int = 0
     resume: bool = True  # pick up out/checkpoints/latest.pt if present
     progress: bool = True
+    optimizer: str = "adamw"  # adamw | lars | sgd
 
 
 class Method(Protocol):
@@ -53,7 +55,7 @@ class Method(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor: ...
 
-    def after_step(self) -> dict[str, float]: ...
+    def after_step(self, step: int, total: int) -> dict[str, float]: ...
 
     def evaluate(self, split: str) -> dict[str, float]: ...
 
@@ -63,6 +65,24 @@ class Method(Protocol):
 def no_decay(name: str, p: torch.nn.Parameter) -> bool:
     """Gains, biases, embeddings and the temperature are not weight-decayed (as open_clip)."""
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name or "embedding" in name
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (default), LARS or SGD with momentum; no weight decay on gains, biases and embeddings."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if not no_decay(n, p)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in params if no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    if config.optimizer == "lars":
+        from .optim import LARS
+
+        return LARS(groups, lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
+    raise ValueError(f"optimizer must be adamw, lars or sgd, not {config.optimizer!r}")
 
 
 def warmup_cosine(warmup: int, total: int):  # type: ignore[no-untyped-def]
@@ -83,16 +103,10 @@ class Trainer:
         self.out = Path(config.out)
         self.ckpt_dir = self.out / "checkpoints"
         model = method.model.to(dist.device)
+        if dist.enabled and getattr(method, "sync_batchnorm", False):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = DistributedDataParallel(model) if dist.enabled else model
-        params = list(method.model.named_parameters())
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for n, p in params if not no_decay(n, p) and p.requires_grad],
-                 "weight_decay": config.weight_decay},
-                {"params": [p for n, p in params if no_decay(n, p) and p.requires_grad], "weight_decay": 0.0},
-            ],
-            lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
-        )
+        self.optimizer = make_optimizer(method.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(config.warmup_steps, config.steps)
         )
@@ -172,10 +186,12 @@ class Trainer:
                 raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower --lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if hasattr(self.method, "after_backward"):
+                self.method.after_backward(self.step)
             self.optimizer.step()
             self.scheduler.step()
-            extra = self.method.after_step()
             self.step += 1
+            extra = self.method.after_step(self.step, cfg.steps)
             n_last += cfg.batch_size * dist.world_size
             bar.update(1)
             if dist.is_main and (self.step % 10 == 0 or self.step == cfg.steps):
@@ -187,9 +203,8 @@ class Trainer:
                 self._log(writer, row)
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 self._evaluate("val", writer)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                if dist.is_main:
-                    self.save()
+            if (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps) and dist.is_main:
+                self.save()
         bar.close()
         final = self._evaluate("test", writer) if dist.is_main else {}
         if writer:
@@ -220,22 +235,28 @@ class Trainer:
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Loss and evaluation metrics against steps, one panel each, as a PNG."""
+    """Training scalars (one panel each) and validation metrics (one panel, a line each) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for row in history for k in row if k not in ("step", "lr", "samples_per_s")})
-    if not keys:
+    keys = {k for row in history for k in row}
+    train_keys = sorted(k for k in keys if "/" not in k and k not in ("step", "lr", "samples_per_s"))
+    val_keys = sorted(k for k in keys if k.startswith("val/"))
+    panels: list[list[str]] = [[k] for k in train_keys] + ([val_keys] if val_keys else [])
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in history if key in r]
-        ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
-        ax.set_title(key)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], panels):
+        for key in group:
+            pts = [(r["step"], r[key]) for r in history if key in r]
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=key.removeprefix("val/"))
+        ax.set_title(group[0] if len(group) == 1 else "validation")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if len(group) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -11,13 +11,13 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from server.bundle import load_bundle
 from server.client import AsyncTandemClient, TandemClient
 from server.preprocess import preprocess
 from server.tokenizer import ClipTokenizer
-from tandem.v1 import tandem_pb2 as pb
-from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tests.conftest import png_bytes
 
 RED = png_bytes(Image.new("RGB", (50, 40), (220, 30, 30)))

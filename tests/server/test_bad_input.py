@@ -7,9 +7,9 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
 from tests.conftest import png_bytes
 
 GOOD = png_bytes(Image.new("RGB", (40, 30), (200, 30, 30)))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -48,7 +48,7 @@ def read_index(folder: Path) -> list[tuple[Path, str]]:
                         item = json.loads(line)
                         rows.append((item["image"], item["caption"]))
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{jsonl_path}:{n}: expected {{\"image\": ..., \"caption\": ...}} ({e})")
+                        raise ValueError(f"{jsonl_path}:{n}: expected {{\"image\": ..., \"caption\": ...}} ({e})") from None
     else:
         raise FileNotFoundError(f"{folder} has neither captions.csv nor captions.jsonl")
     if not rows:

@@ -6,7 +6,7 @@ normalised mean of prompt embeddings, argmax of cosine.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

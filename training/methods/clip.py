@@ -76,7 +76,7 @@ class Clip:
         return self.loss_fn(image_features.float(), text_features.float(), logit_scale)
 
     @torch.no_grad()
-    def after_step(self) -> dict[str, float]:
+    def after_step(self, step: int = 0, total: int = 1) -> dict[str, float]:
         self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return {"logit_scale": self.model.logit_scale.exp().item()}
 

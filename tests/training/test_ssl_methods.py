@@ -1,0 +1,157 @@
+"""Each self-supervised method learns on a fixed tiny batch without collapsing; checkpoints
+export to parity-checked image bundles that the server serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from server.client import TandemClient
+from tests.conftest import png_bytes, start_server
+from training.data import procedural
+from training.distributed import Dist
+from training.evaluation.collapse import collapse_stats, collapse_warning
+from training.export import FUSED_ATTENTION_OPS, export_bundle
+from training.methods import SSL_METHODS, ssl_class
+from training.methods.base import SSLConfig
+from training.trainer import TrainConfig, Trainer
+
+
+def tiny_config(method: str, **kw: object) -> SSLConfig:
+    base = dict(method=method, backbone="vit-micro" if method == "mae" else "resnet18-small", image_size=16,
+                hidden_dim=64, out_dim=32, queue_size=64, prototypes=8, freeze_prototypes_steps=0, local_crops=2,
+                train_size=64, eval_bank_size=64, eval_size=32, decoder_width=32, decoder_depth=1)
+    base.update(kw)
+    return SSLConfig(**base)  # type: ignore[arg-type]
+
+
+def fixed_batch(method, n: int = 16) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    images = [procedural.ShapesDataset("train", n)[i][0] for i in range(n)]
+    views = method.views()
+    per_image = [views(img) for img in images]
+    return [torch.stack([v[k] for v in per_image]) for k in range(len(per_image[0]))]
+
+
+@pytest.mark.parametrize("name", SSL_METHODS)
+def test_method_loss_falls_on_a_fixed_batch_without_collapse(name: str) -> None:
+    torch.manual_seed(0)
+    method = ssl_class(name)(tiny_config(name))
+    batch = fixed_batch(method)
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    # MoCo v2 on one fixed batch would queue its own keys as negatives; hold its queue at the
+    # initial random keys so the falling loss measures what the encoder learns.
+    queue0 = method.queue.clone() if name == "moco_v2" else None
+    for step in range(25):
+        if queue0 is not None:
+            method.queue.copy_(queue0)
+        loss = method(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step + 1, 25)
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    with torch.no_grad():
+        method.eval()
+        stats = collapse_stats(method.backbone(batch[0]))
+    assert collapse_warning(stats) is None, stats
+
+
+def test_momentum_target_follows_online_network() -> None:
+    method = ssl_class("byol")(tiny_config("byol", momentum=0.5))
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in method.target_backbone.parameters()]
+    method.after_step(0, 10)  # step 0: momentum is exactly the configured start
+    for b, t, o in zip(before, method.target_backbone.parameters(), method.backbone.parameters()):
+        torch.testing.assert_close(t, 0.5 * b + 0.5 * o)
+
+
+def test_moco_v2_queue_takes_the_newest_keys() -> None:
+    method = ssl_class("moco_v2")(tiny_config("moco_v2", queue_size=20))
+    batch = fixed_batch(method, n=8)
+    method(batch)
+    method(batch)
+    assert int(method.queue_ptr) == 16
+    torch.testing.assert_close(method.queue.norm(dim=1), torch.ones(20))
+
+
+def test_swav_prototypes_frozen_at_the_start() -> None:
+    method = ssl_class("swav")(tiny_config("swav", freeze_prototypes_steps=5))
+    loss = method(fixed_batch(method, n=8))
+    loss.backward()
+    method.after_backward(step=0)
+    assert method.prototypes.weight.grad is None
+    loss = method(fixed_batch(method, n=8))
+    loss.backward()
+    method.after_backward(step=5)
+    assert method.prototypes.weight.grad is not None
+
+
+def test_mae_needs_a_vit() -> None:
+    with pytest.raises(ValueError, match="MAE needs a ViT"):
+        ssl_class("mae")(tiny_config("mae", backbone="resnet18-small"))
+
+
+@pytest.fixture(scope="module")
+def ssl_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Short real training runs (trainer, checkpoint) for a ResNet and a ViT backbone."""
+    out = {}
+    for name, backbone in (("simclr", "resnet18-small"), ("mae", "vit-micro")):
+        run = tmp_path_factory.mktemp(name)
+        method = ssl_class(name)(tiny_config(name, backbone=backbone, image_size=32))
+        cfg = TrainConfig(out=str(run), steps=4, batch_size=16, eval_every=4, checkpoint_every=4, progress=False,
+                          lr=1e-3, weight_decay=1e-4)
+        metrics = Trainer(method, cfg, Dist()).fit()
+        assert {"knn_top1", "knn_shape_top1", "embedding_std", "effective_rank"} <= set(metrics)
+        out[name] = run / "checkpoints" / "latest.pt"
+    return out
+
+
+@pytest.mark.parametrize("name", ["simclr", "mae"])
+def test_ssl_export_passes_parity_with_plain_ops(ssl_checkpoints, tmp_path, name: str) -> None:  # type: ignore[no-untyped-def]
+    result = export_bundle(None, tmp_path, f"{name}-enc", "1", checkpoint=ssl_checkpoints[name])
+    m = result.manifest
+    assert m.kind == "image" and m.text is None and m.parity["min_cosine"] >= 0.9999
+    assert m.image.size == 32 and m.dim == (512 if name == "simclr" else 96)
+    ops = {n.op_type for n in onnx.load(str(result.path / "image.onnx")).graph.node}
+    assert not ops & FUSED_ATTENTION_OPS
+
+
+def test_export_with_projector(ssl_checkpoints, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = export_bundle(None, tmp_path, "proj", "1", checkpoint=ssl_checkpoints["simclr"], with_projector=True)
+    assert result.manifest.dim == 32 and result.manifest.architecture.endswith("+projector")
+    with pytest.raises(ValueError, match="no projector"):
+        export_bundle(None, tmp_path, "mae-proj", "1", checkpoint=ssl_checkpoints["mae"], with_projector=True)
+
+
+def test_served_ssl_bundle_embeds_two_views_closer_than_two_images(ssl_checkpoints, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import skimage.data
+
+    repo = tmp_path / "repo"
+    export_bundle(None, repo, "simclr-enc", "1", checkpoint=ssl_checkpoints["simclr"])
+    server = start_server(repo)
+    try:
+        astronaut, coffee = Image.fromarray(skimage.data.astronaut()), Image.fromarray(skimage.data.coffee())
+        view_a = astronaut.crop((20, 10, 480, 470))
+        view_b = astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((40, 30, 500, 490))
+        with TandemClient(server.target) as c:
+            e = c.embed_image([png_bytes(view_a), png_bytes(view_b, "JPEG"), png_bytes(coffee)]).embeddings
+            info = c.get_model()
+            import grpc
+
+            with pytest.raises(grpc.RpcError) as err:
+                c.classify([png_bytes(coffee)], ["a cup", "a person"])
+        assert e.shape == (3, 512) and info.kind == "image" and list(info.towers) == ["image"]
+        assert e[0] @ e[1] > e[0] @ e[2] and e[0] @ e[1] > e[1] @ e[2]
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        server.stop()
