@@ -1,8 +1,8 @@
 """Prometheus metrics, one place. Scraped from http://<host>:<metrics_port>/metrics.
 
-Stages (label `stage`): preprocess (decode + resize + normalise all images of
-a request), tokenize (all texts of a request), queue (a request's wait in the
-batcher), inference (one ONNX Runtime run, per batch).
+Stages (label `stage`): decode (bytes -> RGB, per image), preprocess (resize,
+crop, normalise, per image), tokenize (all texts of a request), queue (a
+request's wait in the batcher), inference (one ONNX Runtime run, per batch).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ REQUEST_SECONDS = Histogram(
 )
 ITEMS = Counter("tandem_items_total", "Items (images or texts) received, by method", ["method"])
 STAGE_SECONDS = Histogram(
-    "tandem_stage_seconds", "Time per stage: preprocess and tokenize per request, queue per request, "
-    "inference per batch", ["stage", "model", "tower"], buckets=_LATENCY_BUCKETS,
+    "tandem_stage_seconds", "Time per stage: decode and preprocess per image, tokenize and queue per "
+    "request, inference per batch", ["stage", "model", "tower"], buckets=_LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("tandem_batch_size", "Rows per ONNX Runtime run", ["model", "tower"], buckets=_BATCH_BUCKETS)
 QUEUE_ROWS = Gauge("tandem_queue_rows", "Rows waiting in the batcher", ["model", "tower"])

@@ -64,7 +64,5 @@ def build_backbone(name: str, image_size: int, patch_size: int | None = None, dy
         return Backbone(vit(width, depth, heads, image_size, patch_size, dynamic_size), width, name)
     if name.startswith("timm:"):
         net = timm.create_model(name.removeprefix("timm:"), pretrained=False, num_classes=0)
-        with torch.no_grad():
-            dim = net(torch.zeros(1, 3, image_size, image_size)).shape[1]
-        return Backbone(net, int(dim), name)
+        return Backbone(net, int(net.num_features), name)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(NAMES)}")

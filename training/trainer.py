@@ -103,7 +103,8 @@ class Trainer:
         self.out = Path(config.out)
         self.ckpt_dir = self.out / "checkpoints"
         model = method.model.to(dist.device)
-        if dist.enabled and getattr(method, "sync_batchnorm", False):
+        if dist.enabled and dist.device.type == "cuda" and getattr(method, "sync_batchnorm", False):
+            # SyncBatchNorm is CUDA-only; CPU (gloo) processes keep per-process BatchNorm statistics.
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = DistributedDataParallel(model) if dist.enabled else model
         self.optimizer = make_optimizer(method.model, config)

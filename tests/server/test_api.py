@@ -156,7 +156,7 @@ def test_metrics_count_requests_stages_and_batches(tiny_server) -> None:  # type
     assert value("tandem_requests_total", method="EmbedImage", code="OK") == before_ok + 1
     assert value("tandem_requests_total", method="EmbedImage", code="INVALID_ARGUMENT") == before_bad + 1
     assert value("tandem_batch_size_count", model="tiny-clip", tower="image") == before_batches + 1
-    for stage in ("preprocess", "queue", "inference"):
+    for stage in ("decode", "preprocess", "queue", "inference"):
         assert value("tandem_stage_seconds_count", stage=stage, model="tiny-clip", tower="image") > 0
     assert value("tandem_request_seconds_count", method="EmbedImage") > 0
 

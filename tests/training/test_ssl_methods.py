@@ -155,3 +155,62 @@ def test_served_ssl_bundle_embeds_two_views_closer_than_two_images(ssl_checkpoin
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "method, backbone, size",
+    [("simclr", "resnet18", 32), ("byol", "vit-tiny", 32), ("simsiam", "timm:resnet10t", 32), ("swav", "vit-micro", 32)],
+)
+def test_export_parity_for_every_backbone_kind(tmp_path, method: str, backbone: str, size: int) -> None:  # type: ignore[no-untyped-def]
+    """ImageNet-stem ResNet, a 12-layer ViT, a timm model, and SwAV's variable-size ViT."""
+    torch.manual_seed(0)
+    m = ssl_class(method)(tiny_config(method, backbone=backbone, image_size=size))
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": m.state_dict(), **m.checkpoint_meta()}, ckpt)
+    result = export_bundle(None, tmp_path, "enc", "1", checkpoint=ckpt)
+    assert result.manifest.parity["min_cosine"] >= 0.9999 and result.manifest.dim == m.backbone.dim
+
+
+def test_image_folder_training_and_eval_cli(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An ImageFolder trains SimSiam; `tandem eval knn` scores a checkpoint and a random init."""
+    from server.cli import main
+
+    for i, (img, spec) in enumerate(procedural.ShapesDataset("train", 48)):
+        folder = tmp_path / "data" / spec.shape
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    args = ["train", "simsiam", "--data", str(tmp_path / "data"), "--out", str(run), "--steps", "2",
+            "--batch-size", "8", "--image-size", "16", "--hidden-dim", "32", "--eval-every", "2", "--no-progress"]
+    assert main(args) == 0
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["method"] == "simsiam" and state["step"] == 2
+    common = ["--data", str(tmp_path / "data"), "--image-size", "16"]
+    assert main(["eval", "knn", "--checkpoint", str(run / "checkpoints" / "latest.pt"), *common]) == 0
+    assert main(["eval", "linear", "--backbone", "resnet18-small", *common]) == 0
+
+
+def test_collapse_is_detected() -> None:
+    collapsed = torch.ones(64, 32) + 1e-4 * torch.randn(64, 32)
+    assert collapse_warning(collapse_stats(collapsed)) is not None
+    assert collapse_warning(collapse_stats(torch.randn(64, 32))) is None
+
+
+def test_torchrun_two_cpu_processes_train_simclr(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """DDP over gloo with SyncBatchNorm: both ranks step, rank 0 checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "server.cli", "train", "simclr", "--out", str(out), "--steps", "2", "--batch-size", "8",
+           "--image-size", "16", "--hidden-dim", "32", "--train-size", "64", "--eval-bank-size", "64",
+           "--val-size", "32", "--eval-every", "2", "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["step"] == 2 and state["method"] == "simclr"
