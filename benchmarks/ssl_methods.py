@@ -77,11 +77,14 @@ def clip_transform(bundle: Path):  # type: ignore[no-untyped-def]
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(SSL_METHODS))
+    p.add_argument("--skip-baselines", action="store_true", help="only the methods (for quick pilots)")
     p.add_argument("--backbone", default="vit-micro")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-crop-scale", type=float, default=None,
+                   help="override the papers' crop scale (0.08/0.2): small shapes vanish from small crops")
     p.add_argument("--train-size", type=int, default=10_000)
     p.add_argument("--eval-train", type=int, default=5_000, help="labelled images for the kNN bank / probe")
     p.add_argument("--eval-test", type=int, default=2_000)
@@ -91,7 +94,7 @@ def main() -> int:
     torch.manual_seed(0)
     rows: list[tuple[str, dict[str, float], float]] = []
 
-    random_init = build_backbone(args.backbone, args.image_size)
+    random_init = build_backbone(args.backbone, args.image_size, dynamic_size=False)
     rows.append((f"random-init {args.backbone}", score(random_init, eval_transform(args.image_size), args), 0.0))
     if Path(args.clip_bundle, "image.onnx").is_file():
         enc = OnnxEncoder(Path(args.clip_bundle) / "image.onnx")
@@ -101,7 +104,8 @@ def main() -> int:
     for name in args.methods:
         torch.manual_seed(0)
         config = SSLConfig(method=name, backbone=args.backbone, image_size=args.image_size,
-                           train_size=args.train_size, hidden_dim=512, out_dim=128)
+                           train_size=args.train_size, hidden_dim=512, out_dim=128,
+                           min_crop_scale=args.min_crop_scale)
         method = ssl_class(name)(config, Dist())
         train = TrainConfig(out=f"{args.out}/{name}", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=0.05 if name == "mae" else 1e-4, warmup_steps=min(50, args.steps // 10),

@@ -31,7 +31,7 @@ class QueueFull(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field, equality: rows are numpy arrays
 class _Pending:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
@@ -156,6 +156,10 @@ class Batcher:
                 for p, _, _ in taken:
                     if not p.future.done():
                         p.future.set_exception(e)
+                    if p in self._queue:  # rest of a split request: drop it, it has failed
+                        self._queue.remove(p)
+                        self._queued_rows -= len(p.rows) - p.offset
+                metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
                 continue
             metrics.STAGE_SECONDS.labels("inference", *self._labels).observe(time.perf_counter() - started)
             cursor = 0

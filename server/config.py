@@ -99,4 +99,7 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
     config = ServerConfig(**values)
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
+    if config.max_items_per_request > config.max_queue_rows:
+        raise ValueError(f"max_items_per_request ({config.max_items_per_request}) must not exceed max_queue_rows "
+                         f"({config.max_queue_rows}), or large requests could never be queued")
     return config

@@ -54,10 +54,9 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         )
     try:
         img.load()  # first frame only for GIF and animated WebP
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError) as e:
         raise ImageInputError(f"could not be decoded as {img.format} ({e}); is it truncated or corrupt?") from None
-    img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
 
 
 def _unsupported_reason(data: bytes) -> str:

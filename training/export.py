@@ -155,6 +155,8 @@ def ort_session(path: Path, precision: str) -> ort.InferenceSession:
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
     return float(cos.min())
 
@@ -235,9 +237,10 @@ def export_bundle(
             parity["text_max_abs_diff"] = float(np.abs(got_txt - ref_txt).max())
             text_spec = TextSpec(file="text.onnx", sha256=sha256_of(work / "text.onnx"),
                                  context_length=towers.context_length)
-        worst = min(v for k, v in parity.items() if k.endswith("min_cosine"))
+        cosines = [v for k, v in parity.items() if k.endswith("min_cosine")]
+        worst = float("nan") if any(np.isnan(c) for c in cosines) else min(cosines)
         parity["min_cosine"] = worst
-        if worst < threshold:
+        if not worst >= threshold:  # NaN (overflow, e.g. in fp16) fails too
             raise ParityError(
                 f"parity check failed: ONNX Runtime vs PyTorch min cosine {worst:.6f} < {threshold} "
                 f"({precision}); no bundle written. Details: {parity}"

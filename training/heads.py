@@ -40,7 +40,8 @@ def moco_v3_projector(dim: int, hidden: int = 4096, out: int = 256) -> Projectio
 
 
 def moco_v3_predictor(dim: int = 256, hidden: int = 4096, out: int = 256) -> ProjectionHead:
-    return ProjectionHead([(dim, hidden, True, True), (hidden, out, True, False)], last_bn_affine=False)
+    """MoCo v3 predictor: Linear-BN-ReLU-Linear, no BN at the output."""
+    return ProjectionHead([(dim, hidden, True, True), (hidden, out, False, False)])
 
 
 def byol_projector(dim: int, hidden: int = 4096, out: int = 256) -> ProjectionHead:
@@ -49,8 +50,9 @@ def byol_projector(dim: int, hidden: int = 4096, out: int = 256) -> ProjectionHe
 
 
 def simsiam_projector(dim: int, hidden: int = 2048, out: int = 2048) -> ProjectionHead:
-    """SimSiam: 3 layers with BN, output BN without ReLU (Chen & He, 2021)."""
-    return ProjectionHead([(dim, hidden, True, True), (hidden, hidden, True, True), (hidden, out, True, False)])
+    """SimSiam: 3 layers with BN, output BN without ReLU and without affine (Chen & He, 2021)."""
+    return ProjectionHead([(dim, hidden, True, True), (hidden, hidden, True, True), (hidden, out, True, False)],
+                          last_bn_affine=False)
 
 
 def simsiam_predictor(dim: int = 2048, hidden: int = 512) -> ProjectionHead:

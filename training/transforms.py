@@ -67,7 +67,11 @@ class MultiView:
         return [v(image) for v in self.views]
 
 
-def recipe(method: str, size: int) -> MultiView:
+def recipe(method: str, size: int, min_scale: float | None = None) -> MultiView:
+    """The method's views at `size` px. `min_scale` overrides the lower bound of every crop scale
+    (global crops only for SwAV): useful when objects are small and a paper's 0.08 would crop them away."""
+    if min_scale is not None:
+        return _with_min_scale(recipe(method, size), min_scale, size)
     strong = (0.8, 0.8, 0.8, 0.2)
     byol_jitter = (0.4, 0.4, 0.2, 0.1)
     if method == "simclr":
@@ -91,3 +95,11 @@ def eval_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
     """What the server does for image-only bundles: resize shortest side, centre crop, normalise."""
     return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
                       T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _with_min_scale(views: MultiView, min_scale: float, size: int) -> MultiView:
+    for v in views.views:
+        crop = v.transforms[0]
+        if isinstance(crop, T.RandomResizedCrop) and tuple(crop.size) == (size, size):
+            crop.scale = (min_scale, 1.0)
+    return views

@@ -124,3 +124,39 @@ def test_a_failing_run_fails_only_its_requests() -> None:
         await b.stop()
 
     run(main())
+
+
+def test_cancelling_a_request_behind_others_removes_only_it() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        model = Recorder(gate)
+        b = Batcher(model, ThreadPoolExecutor(1), max_batch_size=2, max_queue_delay_us=0, max_queue_rows=100)
+        busy = asyncio.create_task(b.submit(np.ones((2, 1), np.float32)))
+        await asyncio.sleep(0.05)
+        first = asyncio.create_task(b.submit(np.full((2, 1), 1, np.float32)))
+        second = asyncio.create_task(b.submit(np.full((3, 1), 2, np.float32)))  # other shape than `first`
+        await asyncio.sleep(0.05)
+        second.cancel()
+        await asyncio.sleep(0.01)
+        assert second.cancelled() and b.queued_rows == 2
+        gate.set()
+        await busy
+        assert np.all(await first == 2) and model.batches == [2, 2]
+        await b.stop()
+
+    run(main())
+
+
+def test_a_failing_run_drops_the_rest_of_a_split_request() -> None:
+    async def main() -> None:
+        def broken(batch: np.ndarray) -> np.ndarray:
+            raise RuntimeError("model exploded")
+
+        b = Batcher(broken, ThreadPoolExecutor(1), max_batch_size=2, max_queue_delay_us=0)
+        with pytest.raises(RuntimeError, match="exploded"):
+            await b.submit(np.ones((7, 1), np.float32))
+        await asyncio.sleep(0.01)
+        assert b.queued_rows == 0
+        await b.stop()
+
+    run(main())

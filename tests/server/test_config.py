@@ -56,3 +56,8 @@ def test_every_field_has_help_and_a_flag() -> None:
     for f in cfg.fields(cfg.ServerConfig):
         assert f.metadata["help"]
         assert "--" + f.name.replace("_", "-") in text
+
+
+def test_items_per_request_must_fit_the_queue() -> None:
+    with pytest.raises(ValueError, match="must not exceed max_queue_rows"):
+        cfg.load(parse("--max-items-per-request", "100", "--max-queue-rows", "50"), {})

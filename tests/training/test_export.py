@@ -122,3 +122,22 @@ def test_tampered_bundle_is_refused_at_load(tmp_path, tiny_checkpoint) -> None: 
         f.write(b"\0")
     with pytest.raises(BundleError, match="sha256 does not match"):
         load_bundle(result.path)
+
+
+def test_non_finite_outputs_fail_the_gate(tmp_path, tiny_checkpoint, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An overflow (inf/NaN) must not slip through: NaN compares false with every threshold."""
+    real = export_mod.ort_session
+
+    class Poisoned:
+        def __init__(self, session):  # type: ignore[no-untyped-def]
+            self.session = session
+
+        def run(self, names, feeds):  # type: ignore[no-untyped-def]
+            out = self.session.run(names, feeds)
+            out[0][0, 0] = np.nan
+            return out
+
+    monkeypatch.setattr(export_mod, "ort_session", lambda path, precision: Poisoned(real(path, precision)))
+    with pytest.raises(ParityError, match="nan"):
+        export_bundle(None, tmp_path, "nan", "1", checkpoint=tiny_checkpoint)
+    assert not (tmp_path / "nan").exists()

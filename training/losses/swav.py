@@ -24,8 +24,11 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     so that each row (sample) sums to 1. Under torchrun the column sums are
     taken over the global batch.
     """
-    q = torch.exp((scores - scores.max()) / epsilon).T  # [K, B]
     _, world_size = world()
+    top = scores.max()
+    if world_size > 1:  # one shift for all ranks, or their masses would be weighted differently
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    q = torch.exp((scores - top) / epsilon).T  # [K, B]
     total = q.sum()
     if world_size > 1:
         dist.all_reduce(total)

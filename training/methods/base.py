@@ -38,6 +38,7 @@ class SSLConfig:
     eval_bank_size: int = 2_000  # labelled images whose features the kNN monitor searches
     eval_size: int = 1_000  # labelled queries (val during training, test at the end)
     seed: int = 0
+    min_crop_scale: float | None = None  # None = the paper's crop scale (0.08 or 0.2)
     hidden_dim: int = 512  # projector/predictor widths (papers: 2048-4096; scaled for small backbones)
     out_dim: int = 128
     temperature: float | None = None  # None = the method's paper default
@@ -72,7 +73,7 @@ class SSLMethod(nn.Module):
 
     # -- data ------------------------------------------------------------------
     def views(self) -> Any:
-        return recipe(self.recipe, self.config.image_size)
+        return recipe(self.recipe, self.config.image_size, self.config.min_crop_scale)
 
     def dataset(self) -> torch.utils.data.Dataset:
         c = self.config

@@ -46,6 +46,8 @@ class MAE(SSLMethod):
     def __init__(self, config: SSLConfig, dist=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist)
         vit = self.backbone.net
+        if not 0 < config.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be between 0 and 1 (exclusive), got {config.mask_ratio}")
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"MAE needs a ViT backbone (vit-micro, vit-tiny, vit-small), not {config.backbone}")
         self.patch = vit.patch_embed.patch_size[0]
