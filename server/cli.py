@@ -193,8 +193,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    labels = list(args.labels or [])
+    if args.labels_file:
+        labels += [line.strip() for line in Path(args.labels_file).read_text().splitlines() if line.strip()]
+    if not labels:
+        print("error: give --labels and/or --labels-file", file=sys.stderr)
+        return 2
     with _client(args) as c:
-        results = c.classify(args.images, args.labels, args.template or None, args.top_k)
+        results = c.classify(args.images, labels, args.template or None, args.top_k)
     for path, top in zip(args.images, results):
         if args.json:
             print(json.dumps({"image": str(path), "top": [vars(s) for s in top]}))
@@ -227,9 +233,12 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, spec) in enumerate(procedural.ShapesDataset(args.split, args.count, args.seed, args.canvas)):
-        path = out / f"{i:04d}_{spec.label.replace(' ', '_')}.png"
+        held_out = "_held-out" if procedural.is_held_out(spec.label) else ""  # never seen in training
+        path = out / f"{i:04d}_{spec.label.replace(' ', '_')}{held_out}.png"
         img.save(path)
         print(path)
+    (out / "labels.txt").write_text("\n".join(procedural.class_labels()) + "\n")
+    print(f"{out / 'labels.txt'}: the {len(procedural.class_labels())} class names, for --labels-file")
     return 0
 
 
@@ -352,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="zero-shot classify image files with a running server")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--labels", nargs="+", required=True, help="candidate labels")
+    p.add_argument("--labels", nargs="+", help="candidate labels")
+    p.add_argument("--labels-file", help="more candidate labels, one per line")
     p.add_argument("--template", action="append", help="prompt template with {} (repeatable); default ensemble")
     p.add_argument("--top-k", type=int, default=5)
     _client_args(p)

@@ -54,3 +54,17 @@ def test_captions_name_the_class_and_position_is_right() -> None:
     assert spec.position == "in the bottom left"
     assert spec.caption(P.CAPTION_TEMPLATES[0]) == "a photo of a small red circle."
     assert P.Sample("large", "red", "circle", "white", 0.5, 0.5, 0.3, 0, 0).position == "in the centre"
+
+
+def test_shapes_command_writes_labelled_files_and_the_label_list(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from server.cli import main
+
+    assert main(["shapes", "--out", str(tmp_path), "--count", "30"]) == 0
+    labels = (tmp_path / "labels.txt").read_text().split("\n")[:-1]
+    assert labels == P.class_labels()
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(names) == 30
+    for i, name in enumerate(names):
+        spec = P.sample(0, "test", i)
+        assert name.startswith(f"{i:04d}_{spec.label.replace(' ', '_')}")
+        assert name.endswith("_held-out.png") == P.is_held_out(spec.label)
