@@ -80,6 +80,7 @@ def main() -> int:
     p.add_argument("--skip-baselines", action="store_true", help="only the methods (for quick pilots)")
     p.add_argument("--backbone", default="vit-micro")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default image_size // 8)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -94,7 +95,7 @@ def main() -> int:
     torch.manual_seed(0)
     rows: list[tuple[str, dict[str, float], float]] = []
 
-    random_init = build_backbone(args.backbone, args.image_size, dynamic_size=False)
+    random_init = build_backbone(args.backbone, args.image_size, args.patch_size)
     rows.append((f"random-init {args.backbone}", score(random_init, eval_transform(args.image_size), args), 0.0))
     if Path(args.clip_bundle, "image.onnx").is_file():
         enc = OnnxEncoder(Path(args.clip_bundle) / "image.onnx")
@@ -103,7 +104,7 @@ def main() -> int:
 
     for name in args.methods:
         torch.manual_seed(0)
-        config = SSLConfig(method=name, backbone=args.backbone, image_size=args.image_size,
+        config = SSLConfig(method=name, backbone=args.backbone, image_size=args.image_size, patch_size=args.patch_size,
                            train_size=args.train_size, hidden_dim=512, out_dim=128,
                            min_crop_scale=args.min_crop_scale)
         method = ssl_class(name)(config, Dist())

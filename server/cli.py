@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                eval_size=args.val_size, seed=args.seed, hidden_dim=args.hidden_dim,
                                out_dim=args.out_dim, temperature=args.temperature, momentum=args.momentum,
                                queue_size=args.queue_size, prototypes=args.prototypes, local_crops=args.local_crops,
-                               mask_ratio=args.mask_ratio)
+                               mask_ratio=args.mask_ratio, min_crop_scale=args.min_crop_scale)
             method = ssl_class(args.method)(config, dist)
         config = TrainConfig(out=args.out, steps=args.steps or steps, batch_size=args.batch_size or batch,
                              lr=args.lr or lr, weight_decay=args.weight_decay if args.weight_decay is not None else wd,
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prototypes", type=int, default=100, help="SwAV prototypes")
     g.add_argument("--local-crops", type=int, default=4, help="SwAV small crops per image")
     g.add_argument("--mask-ratio", type=float, default=0.75, help="MAE fraction of patches hidden")
+    g.add_argument("--min-crop-scale", type=float,
+                   help="lower bound of the random crops' area (default: the paper's 0.08 or 0.2); raise it when "
+                   "objects are small enough to be cropped away")
     g.add_argument("--eval-bank-size", type=int, default=2_000, help="labelled images the kNN monitor searches")
     p.set_defaults(func=cmd_train)
 
