@@ -122,11 +122,9 @@ def _encoder_for_eval(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.checkpoint:
         state = read_checkpoint(Path(args.checkpoint))
         if "ssl_config" in state:
-            from training.methods import ssl_class
-            from training.methods.base import SSLConfig
+            from training.methods import load_ssl_method
 
-            method = ssl_class(state["method"])(SSLConfig(**state["ssl_config"]))
-            method.load_state_dict(state["state_dict"])
+            method = load_ssl_method(state)
             c = method.config
             return method.backbone, eval_transform(c.image_size), f"{method.name}/{c.backbone} step {state.get('step')}"
         import open_clip

@@ -105,12 +105,10 @@ def clip_towers(arch: str | None, checkpoint: Path | None, precision: str, image
 
 def ssl_towers(state: dict[str, Any], precision: str, with_projector: bool) -> Towers:
     """The encoder of a self-supervised checkpoint (backbone, optionally + projector)."""
-    from training.methods import ssl_class
-    from training.methods.base import SSLConfig
+    from training.methods import load_ssl_method
 
-    config = SSLConfig(**state["ssl_config"])
-    method = ssl_class(state["method"])(config)
-    method.load_state_dict(state["state_dict"])
+    method = load_ssl_method(state)
+    config = method.config
     encoder = method.encoder(with_projector).eval()
     dtype = torch.float16 if precision == "fp16" else torch.float32
     exported = encoder if precision == "fp32" else copy.deepcopy(encoder).to(dtype).eval()

@@ -24,3 +24,12 @@ def ssl_class(name: str) -> type[SSLMethod]:
     if key not in classes:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(SSL_METHODS)}")
     return classes[key]
+
+
+def load_ssl_method(state: dict) -> SSLMethod:  # type: ignore[type-arg]
+    """Rebuild a self-supervised method, weights included, from its checkpoint dict."""
+    from .base import SSLConfig
+
+    method = ssl_class(state["method"])(SSLConfig(**state["ssl_config"]))
+    method.load_state_dict(state["state_dict"])
+    return method.eval()
