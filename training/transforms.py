@@ -67,11 +67,12 @@ class MultiView:
         return [v(image) for v in self.views]
 
 
-def recipe(method: str, size: int, min_scale: float | None = None) -> MultiView:
+def recipe(method: str, size: int, min_scale: float | None = None, multiple: int = 1) -> MultiView:
     """The method's views at `size` px. `min_scale` overrides the lower bound of every crop scale
-    (global crops only for SwAV): useful when objects are small and a paper's 0.08 would crop them away."""
+    (global crops only for SwAV): useful when objects are small and a paper's 0.08 would crop them away.
+    `multiple`: SwAV's small crops are rounded to a multiple of it (a ViT's patch size)."""
     if min_scale is not None:
-        return _with_min_scale(recipe(method, size), min_scale, size)
+        return _with_min_scale(recipe(method, size, multiple=multiple), min_scale, size)
     strong = (0.8, 0.8, 0.8, 0.2)
     byol_jitter = (0.4, 0.4, 0.2, 0.1)
     if method == "simclr":
@@ -83,6 +84,7 @@ def recipe(method: str, size: int, min_scale: float | None = None) -> MultiView:
                           view(ViewSpec(size, jitter=byol_jitter, blur_p=0.1, solarize_p=0.2))])
     if method == "swav":
         small = max(8, round(size * 3 / 7))  # 96 px local crops for 224 px global ones
+        small = max(multiple, round(small / multiple) * multiple)
         glob = view(ViewSpec(size, scale=(0.14, 1.0), jitter=strong))
         local = view(ViewSpec(small, scale=(0.05, 0.14), jitter=strong))
         return MultiView([glob, glob, local, local, local, local])

@@ -214,3 +214,11 @@ def test_torchrun_two_cpu_processes_train_simclr(tmp_path) -> None:  # type: ign
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
     assert state["step"] == 2 and state["method"] == "simclr"
+
+
+def test_swav_local_crops_fit_a_vit_patch_grid() -> None:
+    """Small crops of a ViT's multi-crop must be whole patches (32 px global, patch 8 -> 16 px local)."""
+    method = ssl_class("swav")(tiny_config("swav", backbone="vit-micro", image_size=32, patch_size=8))
+    views = fixed_batch(method, n=4)
+    assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
+    assert torch.isfinite(method(views))

@@ -31,7 +31,8 @@ class SwAV(SSLMethod):
         self.criterion = SwAVLoss(self.temperature(0.1))
 
     def views(self) -> MultiView:
-        full = recipe("swav", self.config.image_size, self.config.min_crop_scale)
+        patch = getattr(getattr(self.backbone.net, "patch_embed", None), "patch_size", (1,))[0]
+        full = recipe("swav", self.config.image_size, self.config.min_crop_scale, multiple=patch)
         return MultiView(full.views[: 2 + self.config.local_crops])
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
