@@ -81,8 +81,9 @@ class Towers:
     logit_scale: float = 0.0
 
 
-def clip_towers(arch: str | None, checkpoint: Path | None, precision: str, image_only: bool) -> Towers:
-    model, arch_name, cfg = build_model(arch, checkpoint)
+def clip_towers(arch: str | None, checkpoint: Path | None, precision: str, image_only: bool,
+                state: dict[str, Any] | None = None) -> Towers:
+    model, arch_name, cfg = build_model(arch, checkpoint, state)
     pp = preprocess_config(model)
     text_cfg = cfg.get("text_cfg", {})
     has_text = not image_only and hasattr(model, "encode_text")
@@ -203,7 +204,7 @@ def export_bundle(
     elif with_projector:
         raise ValueError("--with-projector applies to self-supervised checkpoints only")
     else:
-        towers = clip_towers(arch, checkpoint, precision, image_only)
+        towers = clip_towers(arch, checkpoint, precision, image_only, state)
     threshold = PARITY_THRESHOLD[precision]
     size = towers.preprocessing["size"]
 

@@ -68,14 +68,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
 
 
-def build_model(arch: str | None, checkpoint: Path | None = None) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+def build_model(arch: str | None, checkpoint: Path | None = None, state: dict[str, Any] | None = None
+                ) -> tuple[torch.nn.Module, str, dict[str, Any]]:
     """(model in eval mode, architecture name, config).
 
     With a Tandem checkpoint the architecture is read from it and `arch` may be
     None; with an open_clip checkpoint `arch` names the architecture it was
     trained with. Without a checkpoint the model is randomly initialised.
     """
-    state = read_checkpoint(checkpoint) if checkpoint else None
+    if state is None and checkpoint:  # callers that already read the file pass `state`
+        state = read_checkpoint(checkpoint)
     if state is not None and "model_config" in state:
         stored = state["model_name"]
         if arch not in (None, stored):
