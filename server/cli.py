@@ -48,11 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- train ----------------------------------------------------------------------
-TRAIN_DEFAULTS = {  # per method: steps, lr, weight decay, batch size
-    "clip": (2000, 4e-3, 0.1, 256),
-    "mae": (500, 1.5e-3, 0.05, 128),
-}
-SSL_DEFAULTS = (500, 1e-3, 1e-4, 128)
+CLIP_DEFAULTS = ("adamw", 2000, 4e-3, 0.1, 256)  # optimiser, steps, lr, weight decay, batch size
+SSL_STEPS, SSL_BATCH = 500, 128  # optimiser, lr (at batch 128) and weight decay: the method's default_optimizer
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -60,7 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training import distributed
     from training.trainer import TrainConfig, Trainer
 
-    steps, lr, wd, batch = TRAIN_DEFAULTS.get(args.method.replace("-", "_"), SSL_DEFAULTS)
+    if args.method == "clip":
+        optimizer, steps, lr, wd, batch = CLIP_DEFAULTS
+    else:
+        from training.methods import ssl_class
+
+        optimizer, lr, wd = ssl_class(args.method).default_optimizer
+        steps, batch = SSL_STEPS, SSL_BATCH
+        lr *= (args.batch_size or batch) / 128
     args.out = args.out or f"runs/{args.method}"
     dist = distributed.setup(args.device)
     try:
@@ -85,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              lr=args.lr or lr, weight_decay=args.weight_decay if args.weight_decay is not None else wd,
                              warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                              checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
-                             resume=not args.no_resume, progress=not args.no_progress, optimizer=args.optimizer)
+                             resume=not args.no_resume, progress=not args.no_progress,
+                             optimizer=args.optimizer or optimizer)
         metrics = Trainer(method, config, dist).fit()
         if dist.is_main:
             print(json.dumps(metrics, indent=2))
@@ -268,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "self-supervised visual encoder (SimCLR, MoCo v2/v3, BYOL, SimSiam, SwAV, MAE) on "
                        "procedural shapes or a folder of images. Resumes from OUT/checkpoints/latest.pt when it "
                        "exists. Several GPUs (or CPU processes): torchrun --nproc_per_node N -m server.cli train ...",
-                       epilog="defaults per method (steps, lr, weight decay, batch): clip 2000, 4e-3, 0.1, 256; "
-                       "mae 500, 1.5e-3, 0.05, 128; the others 500, 1e-3, 1e-4, 128.")
+                       epilog="defaults per method (optimiser, steps, lr, weight decay, batch): clip adamw, 2000, "
+                       "4e-3, 0.1, 256; simclr, moco-v2, moco-v3, swav adamw, 500, 2e-3, 1e-4, 128; byol, simsiam "
+                       "sgd, 500, 0.06, 5e-4, 128; mae adamw, 500, 1e-3, 0.05, 128. The self-supervised lr scales "
+                       "with --batch-size / 128.")
     p.add_argument("method", choices=["clip", "simclr", "moco-v2", "moco-v3", "byol", "simsiam", "swav", "mae"],
                    help="training method")
     p.add_argument("--data", default="shapes",
@@ -280,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images (pairs) per step per process")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lars", "sgd"],
-                   help="LARS as in SimCLR/BYOL/SwAV for large batches (use lr 0.3 x batch/256)")
+    p.add_argument("--optimizer", choices=["adamw", "lars", "sgd"],
+                   help="default per method (below); LARS as in SimCLR/BYOL/SwAV for large batches "
+                   "(use lr 0.3 x batch/256)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=250, help="evaluate on the val split every N steps")
     p.add_argument("--checkpoint-every", type=int, default=250)
@@ -299,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", help="start from the weights in this checkpoint file")
     g = p.add_argument_group("self-supervised methods")
     g.add_argument("--backbone", default="resnet18-small",
-                   help="resnet18-small, resnet18, vit-micro, vit-tiny, vit-small or timm:NAME (MAE: a ViT)")
+                   help="resnet18-small, resnet18, resnet-micro (CPU-sized), vit-micro, vit-tiny, vit-small or "
+                   "timm:NAME (MAE: a ViT)")
     g.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
     g.add_argument("--patch-size", type=int, help="ViT patch size (default image_size // 8)")
     g.add_argument("--hidden-dim", type=int, default=512, help="projector/predictor hidden width")

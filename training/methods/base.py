@@ -56,6 +56,9 @@ class SSLMethod(nn.Module):
     name = "ssl"
     recipe = "simclr"
     sync_batchnorm = True  # convert BatchNorm to SyncBatchNorm under DDP
+    needs_vit = False  # True where the method only works on a ViT backbone (MAE)
+    # (optimiser, peak lr at batch 128, weight decay): `tandem train` and the benchmark start from these.
+    default_optimizer: tuple[str, float, float] = ("adamw", 2e-3, 1e-4)
 
     def __init__(self, config: SSLConfig, dist: Dist | None = None):
         super().__init__()

@@ -14,6 +14,7 @@ from .base import MomentumMethod, SSLConfig
 
 class BYOL(MomentumMethod):
     name, recipe = "byol", "byol"
+    default_optimizer = ("sgd", 0.06, 5e-4)  # lightly's CIFAR-10 recipe; AdamW learned shape slower (pilot)
 
     def __init__(self, config: SSLConfig, dist=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist)
