@@ -101,6 +101,17 @@ def test_mae_needs_a_vit() -> None:
         ssl_class("mae")(tiny_config("mae", backbone="resnet18-small"))
 
 
+def test_mae_embeds_an_image_as_its_mean_patch_token() -> None:
+    """The MAE loss never reads the class token, so the exported embedding is the mean of the patch tokens."""
+    torch.manual_seed(0)
+    mae = ssl_class("mae")(tiny_config("mae")).eval()
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        tokens = mae.backbone.net.forward_features(images)
+        assert torch.allclose(mae.backbone(images), tokens[:, 1:].mean(dim=1), atol=1e-6)
+        assert not torch.allclose(mae.backbone(images), tokens[:, 0], atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def ssl_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Short real training runs (trainer, checkpoint) for a ResNet and a ViT backbone."""
@@ -142,7 +153,7 @@ def test_served_ssl_bundle_embeds_two_views_closer_than_two_images(ssl_checkpoin
     try:
         astronaut, coffee = Image.fromarray(skimage.data.astronaut()), Image.fromarray(skimage.data.coffee())
         view_a = astronaut.crop((20, 10, 480, 470))
-        view_b = astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((40, 30, 500, 490))
+        view_b = astronaut.crop((40, 30, 500, 490))  # shifted crop, sent as JPEG below
         with TandemClient(server.target) as c:
             e = c.embed_image([png_bytes(view_a), png_bytes(view_b, "JPEG"), png_bytes(coffee)]).embeddings
             info = c.get_model()
@@ -159,10 +170,11 @@ def test_served_ssl_bundle_embeds_two_views_closer_than_two_images(ssl_checkpoin
 
 @pytest.mark.parametrize(
     "method, backbone, size",
-    [("simclr", "resnet18", 32), ("byol", "vit-tiny", 32), ("simsiam", "timm:resnet10t", 32), ("swav", "vit-micro", 32)],
+    [("simclr", "resnet18", 32), ("moco_v2", "resnet-micro", 32), ("byol", "vit-tiny", 32),
+     ("simsiam", "timm:resnet10t", 32), ("swav", "vit-micro", 32)],
 )
 def test_export_parity_for_every_backbone_kind(tmp_path, method: str, backbone: str, size: int) -> None:  # type: ignore[no-untyped-def]
-    """ImageNet-stem ResNet, a 12-layer ViT, a timm model, and SwAV's variable-size ViT."""
+    """ImageNet-stem ResNet, the CPU-sized ResNet, a 12-layer ViT, a timm model, and SwAV's variable-size ViT."""
     torch.manual_seed(0)
     m = ssl_class(method)(tiny_config(method, backbone=backbone, image_size=size))
     ckpt = tmp_path / "ckpt.pt"
@@ -222,3 +234,23 @@ def test_swav_local_crops_fit_a_vit_patch_grid() -> None:
     views = fixed_batch(method, n=4)
     assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
     assert torch.isfinite(method(views))
+
+
+def test_throughput_benchmark_counts_every_view() -> None:
+    """The GPU throughput script runs on the CPU path; its FLOP count sees SimCLR's two views (and two
+    backward passes' worth of work) against one view for the supervised step. Speed is not asserted."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "ssl_throughput.py"
+    spec = importlib.util.spec_from_file_location("ssl_throughput", path)
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    rows = bench.measure(bench.parse_args(["--methods", "simclr", "mae", "--batch-size", "8", "--image-size", "16",
+                                           "--steps", "1", "--warmup", "0", "--device", "cpu"]))
+    by = {(r["method"], r["backbone"]): r for r in rows}
+    assert set(by) == {("supervised", "resnet-micro"), ("simclr", "resnet-micro"), ("supervised", "vit-micro"),
+                       ("mae", "vit-micro")}
+    assert by["simclr", "resnet-micro"]["gflop_per_step"] > 1.9 * by["supervised", "resnet-micro"]["gflop_per_step"]
+    # MAE's encoder sees a quarter of the patches: cheaper than a supervised step despite its decoder.
+    assert by["mae", "vit-micro"]["gflop_per_step"] < by["supervised", "vit-micro"]["gflop_per_step"]
+    assert all(r["images_per_s"] > 0 and r["of_peak"] is None for r in rows)
