@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "exists. Several GPUs (or CPU processes): torchrun --nproc_per_node N -m server.cli train ...",
                        epilog="defaults per method (optimiser, steps, lr, weight decay, batch): clip adamw, 2000, "
                        "4e-3, 0.1, 256; simclr, moco-v2, moco-v3, byol, swav adamw, 500, 2e-3, 1e-4, 128; simsiam "
-                       "sgd, 500, 0.06, 5e-4, 128; mae adamw, 500, 1e-3, 0.05, 128. The self-supervised lr scales "
+                       "sgd, 500, 0.25, 1e-5, 128; mae adamw, 500, 1e-3, 0.05, 128. The self-supervised lr scales "
                        "with --batch-size / 128.")
     p.add_argument("method", choices=["clip", "simclr", "moco-v2", "moco-v3", "byol", "simsiam", "swav", "mae"],
                    help="training method")
