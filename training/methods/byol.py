@@ -14,8 +14,8 @@ from .base import MomentumMethod, SSLConfig
 
 class BYOL(MomentumMethod):
     name, recipe = "byol", "byol"
-    # AdamW (the base default). On the shapes benchmark SGD (lr 0.06, wd 5e-4) gave kNN shape +5.3 points but
-    # linear probe only +4.2 over random init; AdamW gave +3.0 and +7.5 (1,000 steps).
+    # AdamW (the base default). On the shapes benchmark SGD (lr 0.06, wd 5e-4) gave kNN shape +5.2 points but
+    # linear probe only +4.1 over random init; AdamW gave +3.0 and +7.4 (1,000 steps).
 
     def __init__(self, config: SSLConfig, dist=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist)
