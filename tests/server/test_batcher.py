@@ -85,13 +85,19 @@ def test_queue_full_is_refused_immediately() -> None:
     run(main())
 
 
+async def busy_batcher() -> tuple[threading.Event, Recorder, Batcher, asyncio.Task]:  # type: ignore[type-arg]
+    """A batcher (max batch 2) whose model is stuck on a first batch until `gate` is set."""
+    gate = threading.Event()
+    model = Recorder(gate)
+    b = Batcher(model, ThreadPoolExecutor(1), max_batch_size=2, max_queue_delay_us=0, max_queue_rows=100)
+    busy = asyncio.create_task(b.submit(np.ones((2, 1), np.float32)))
+    await asyncio.sleep(0.05)
+    return gate, model, b, busy
+
+
 def test_cancelled_request_leaves_the_queue_and_others_still_run() -> None:
     async def main() -> None:
-        gate = threading.Event()
-        model = Recorder(gate)
-        b = Batcher(model, ThreadPoolExecutor(1), max_batch_size=2, max_queue_delay_us=0, max_queue_rows=100)
-        busy = asyncio.create_task(b.submit(np.ones((2, 1), np.float32)))
-        await asyncio.sleep(0.05)
+        gate, model, b, busy = await busy_batcher()
         doomed = asyncio.create_task(b.submit(np.ones((6, 1), np.float32)))
         await asyncio.sleep(0.05)
         assert b.queued_rows == 6
@@ -128,11 +134,7 @@ def test_a_failing_run_fails_only_its_requests() -> None:
 
 def test_cancelling_a_request_behind_others_removes_only_it() -> None:
     async def main() -> None:
-        gate = threading.Event()
-        model = Recorder(gate)
-        b = Batcher(model, ThreadPoolExecutor(1), max_batch_size=2, max_queue_delay_us=0, max_queue_rows=100)
-        busy = asyncio.create_task(b.submit(np.ones((2, 1), np.float32)))
-        await asyncio.sleep(0.05)
+        gate, model, b, busy = await busy_batcher()
         first = asyncio.create_task(b.submit(np.full((2, 1), 1, np.float32)))
         second = asyncio.create_task(b.submit(np.full((3, 1), 2, np.float32)))  # other shape than `first`
         await asyncio.sleep(0.05)
