@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.cli import main as tandem  # noqa: E402
+from cli import main as tandem  # noqa: E402
 
 TARGET_TOP1, TARGET_MINUTES = 0.95, 15.0
 

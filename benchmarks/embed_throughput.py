@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from tandem.v1 import tandem_pb2 as pb  # noqa: E402
 from tandem.v1 import tandem_pb2_grpc as pb_grpc  # noqa: E402
 
-from server.bundle import discover, load_bundle  # noqa: E402
-from server.preprocess import preprocess  # noqa: E402
-from server.tokenizer import ClipTokenizer  # noqa: E402
+from bundle import discover, load_bundle  # noqa: E402
+from bundle.image import preprocess  # noqa: E402
+from bundle.tokenizer import ClipTokenizer  # noqa: E402
 
 
 def sample_images(n: int) -> list[bytes]:
@@ -77,7 +77,7 @@ def free_port() -> int:
 
 
 def start_server(repo: Path, port: int, batch: int, delay_us: int) -> subprocess.Popen:  # type: ignore[type-arg]
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--models", str(repo), "--port", str(port),
+    cmd = [sys.executable, "-m", "cli", "serve", "--models", str(repo), "--port", str(port),
            "--metrics-port", "0", "--max-batch-size", str(batch), "--max-queue-delay-us", str(delay_us),
            "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -150,7 +150,7 @@ def bench_bundle(path: Path, args: argparse.Namespace, target: str) -> list[tupl
                  f"{srv / raw_prep:.2f}", f"{p50:.1f}"))
     if bundle.text_path:
         text = ort.InferenceSession(str(bundle.text_path), opts, providers=["CPUExecutionProvider"])
-        tok = ClipTokenizer(m.text.context_length)
+        tok = ClipTokenizer(bundle.tokenizer_path, m.text.context_length)
         ids = tok.encode_batch((TEXTS * 10)[: args.batch])[0]
         raw = timed(lambda: (text.run(None, {"input_ids": ids}), len(ids))[1], args.seconds)
 

@@ -1,2 +1,5 @@
-"""Serving: bundle loading, ONNX Runtime sessions, preprocessing, dynamic batcher,
-gRPC services, zero-shot, metrics, config, client and the `tandem` CLI."""
+"""Serving: ONNX Runtime sessions, dynamic batcher, gRPC services, metrics, config, wire format and client.
+
+Reads model bundles through the `bundle` package; never imports `training`
+or torch (tests/test_layout.py checks both).
+"""

@@ -5,23 +5,144 @@
         vectors = c.embed_text(["a small red circle"]).embeddings   # numpy [1, dim]
         top = c.classify(["shape.png"], ["red circle", "blue square"])[0]
 
-Images may be given as bytes or as paths to files. Errors arrive as
-grpc.RpcError with the server's status code and message.
+Images may be given as bytes or as paths to files. Embeddings arrive as
+read-only numpy views of the response's raw buffer (no copy; `.copy()` for a
+writable array); float16 on request (`dtype="float16"`).
+
+A failed call raises a TandemError subclass, one per kind of failure, with
+the status code and the server's message:
+
+    InvalidArgument      INVALID_ARGUMENT, OUT_OF_RANGE: fix the request
+    NotFound             NOT_FOUND: no such model (or collection)
+    AlreadyExists        ALREADY_EXISTS
+    FailedPrecondition   FAILED_PRECONDITION: the model cannot do this (e.g. text on an image-only model)
+    Overloaded           RESOURCE_EXHAUSTED: queue full; retry with backoff
+    Unavailable          UNAVAILABLE: server starting, stopping or unreachable; retry
+    DeadlineExceeded     DEADLINE_EXCEEDED, CANCELLED
+    Unauthorized         UNAUTHENTICATED, PERMISSION_DENIED
+    ServerError          INTERNAL, UNKNOWN, UNIMPLEMENTED, DATA_LOSS, ABORTED
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, TypeVar, Union
 
 import grpc
 import numpy as np
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
+from .wire import decode as decode_matrix
+
+__all__ = ["TandemClient", "AsyncTandemClient", "EmbedResult", "Label", "decode_matrix", "TandemError",
+           "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition", "Overloaded", "Unavailable",
+           "DeadlineExceeded", "Unauthorized", "ServerError"]
+
 ImageLike = Union[bytes, str, Path]
+T = TypeVar("T")
+Code = grpc.StatusCode
+DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+
+
+class TandemError(Exception):
+    """A call the server (or the channel) refused: `code` (grpc.StatusCode) and the server's `message`."""
+
+    retryable = False
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+class InvalidArgument(TandemError):
+    """The request is wrong; the message names the offending field or item."""
+
+
+class NotFound(TandemError):
+    """No such model, version or collection."""
+
+
+class AlreadyExists(TandemError):
+    """The thing to create exists already."""
+
+
+class FailedPrecondition(TandemError):
+    """The request is well-formed but cannot run in this state (e.g. text on an image-only model)."""
+
+
+class Overloaded(TandemError):
+    """RESOURCE_EXHAUSTED: a queue is full. Retry with backoff."""
+
+    retryable = True
+
+
+class Unavailable(TandemError):
+    """The server is loading, shutting down or unreachable. Retry."""
+
+    retryable = True
+
+
+class DeadlineExceeded(TandemError):
+    """The call ran out of time (or was cancelled) before an answer."""
+
+    retryable = True
+
+
+class Unauthorized(TandemError):
+    """UNAUTHENTICATED or PERMISSION_DENIED."""
+
+
+class ServerError(TandemError):
+    """The server failed (INTERNAL, UNIMPLEMENTED, ...); its log has the details."""
+
+
+_FAMILY: dict[grpc.StatusCode, type[TandemError]] = {
+    Code.INVALID_ARGUMENT: InvalidArgument, Code.OUT_OF_RANGE: InvalidArgument,
+    Code.NOT_FOUND: NotFound, Code.ALREADY_EXISTS: AlreadyExists,
+    Code.FAILED_PRECONDITION: FailedPrecondition, Code.RESOURCE_EXHAUSTED: Overloaded,
+    Code.UNAVAILABLE: Unavailable, Code.DEADLINE_EXCEEDED: DeadlineExceeded, Code.CANCELLED: DeadlineExceeded,
+    Code.UNAUTHENTICATED: Unauthorized, Code.PERMISSION_DENIED: Unauthorized,
+}
+
+
+def error_from(e: grpc.RpcError) -> TandemError:
+    """The TandemError subclass for a grpc.RpcError (grpc.aio's AioRpcError too)."""
+    code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    return _FAMILY.get(code, ServerError)(code, details)
+
+
+def _raises_tandem_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as e:
+            raise error_from(e) from None
+
+    return wrapped
+
+
+def _async_raises_tandem_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapped(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except grpc.RpcError as e:
+            raise error_from(e) from None
+
+    return wrapped
+
+
+def _dtype(name: str) -> int:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
@@ -29,7 +150,7 @@ def _options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 @dataclass
 class EmbedResult:
-    embeddings: np.ndarray  # float32 [n, dim]
+    embeddings: np.ndarray  # [n, dim] float32 (or float16), read-only view of the response buffer
     model: str
     version: str
     normalized: bool
@@ -49,8 +170,8 @@ def _bytes(image: ImageLike) -> bytes:
 
 
 def _result(r: pb.EmbedResponse) -> EmbedResult:
-    emb = np.array([e.values for e in r.embeddings], dtype=np.float32).reshape(len(r.embeddings), r.dim)
-    return EmbedResult(emb, r.model.name, r.model.version, r.normalized, list(r.truncated))
+    return EmbedResult(decode_matrix(r.embeddings, "embeddings"), r.model.name, r.model.version, r.normalized,
+                       list(r.truncated))
 
 
 def _labels(r: pb.ClassifyResponse) -> list[list[Label]]:
@@ -64,13 +185,15 @@ class _Requests:
     model: str
     version: str
 
-    def text(self, texts: Sequence[str], normalize: bool, reject_truncated: bool) -> pb.EmbedTextRequest:
+    def text(self, texts: Sequence[str], normalize: bool, reject_truncated: bool, dtype: str
+             ) -> pb.EmbedTextRequest:
         return pb.EmbedTextRequest(model=self.model, version=self.version, texts=list(texts),
-                                   unnormalized=not normalize, reject_truncated=reject_truncated)
+                                   unnormalized=not normalize, reject_truncated=reject_truncated,
+                                   dtype=_dtype(dtype))
 
-    def image(self, images: Sequence[ImageLike], normalize: bool) -> pb.EmbedImageRequest:
+    def image(self, images: Sequence[ImageLike], normalize: bool, dtype: str) -> pb.EmbedImageRequest:
         return pb.EmbedImageRequest(model=self.model, version=self.version, images=[_bytes(i) for i in images],
-                                    unnormalized=not normalize)
+                                    unnormalized=not normalize, dtype=_dtype(dtype))
 
     def classify(self, images: Sequence[ImageLike], labels: Sequence[str], templates: Sequence[str] | None,
                  top_k: int) -> pb.ClassifyRequest:
@@ -88,21 +211,28 @@ class TandemClient:
         self.models = pb_grpc.ModelsStub(self.channel)
         self.req, self.timeout_s = _Requests(model, version), timeout_s
 
-    def embed_text(self, texts: Sequence[str], normalize: bool = True, reject_truncated: bool = False) -> EmbedResult:
-        return _result(self.inference.EmbedText(self.req.text(texts, normalize, reject_truncated),
+    @_raises_tandem_errors
+    def embed_text(self, texts: Sequence[str], normalize: bool = True, reject_truncated: bool = False,
+                   dtype: str = "float32") -> EmbedResult:
+        return _result(self.inference.EmbedText(self.req.text(texts, normalize, reject_truncated, dtype),
                                                 timeout=self.timeout_s))
 
-    def embed_image(self, images: Sequence[ImageLike], normalize: bool = True) -> EmbedResult:
-        return _result(self.inference.EmbedImage(self.req.image(images, normalize), timeout=self.timeout_s))
+    @_raises_tandem_errors
+    def embed_image(self, images: Sequence[ImageLike], normalize: bool = True, dtype: str = "float32"
+                    ) -> EmbedResult:
+        return _result(self.inference.EmbedImage(self.req.image(images, normalize, dtype), timeout=self.timeout_s))
 
+    @_raises_tandem_errors
     def classify(self, images: Sequence[ImageLike], labels: Sequence[str], templates: Sequence[str] | None = None,
                  top_k: int = 5) -> list[list[Label]]:
         return _labels(self.inference.Classify(self.req.classify(images, labels, templates, top_k),
                                                timeout=self.timeout_s))
 
+    @_raises_tandem_errors
     def list_models(self) -> pb.ListModelsResponse:
         return self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
 
+    @_raises_tandem_errors
     def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
         return self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
 
@@ -126,22 +256,29 @@ class AsyncTandemClient:
         self.models = pb_grpc.ModelsStub(self.channel)
         self.req, self.timeout_s = _Requests(model, version), timeout_s
 
+    @_async_raises_tandem_errors
     async def embed_text(self, texts: Sequence[str], normalize: bool = True,
-                         reject_truncated: bool = False) -> EmbedResult:
-        return _result(await self.inference.EmbedText(self.req.text(texts, normalize, reject_truncated),
+                         reject_truncated: bool = False, dtype: str = "float32") -> EmbedResult:
+        return _result(await self.inference.EmbedText(self.req.text(texts, normalize, reject_truncated, dtype),
                                                       timeout=self.timeout_s))
 
-    async def embed_image(self, images: Sequence[ImageLike], normalize: bool = True) -> EmbedResult:
-        return _result(await self.inference.EmbedImage(self.req.image(images, normalize), timeout=self.timeout_s))
+    @_async_raises_tandem_errors
+    async def embed_image(self, images: Sequence[ImageLike], normalize: bool = True, dtype: str = "float32"
+                          ) -> EmbedResult:
+        return _result(await self.inference.EmbedImage(self.req.image(images, normalize, dtype),
+                                                       timeout=self.timeout_s))
 
+    @_async_raises_tandem_errors
     async def classify(self, images: Sequence[ImageLike], labels: Sequence[str],
                        templates: Sequence[str] | None = None, top_k: int = 5) -> list[list[Label]]:
         return _labels(await self.inference.Classify(self.req.classify(images, labels, templates, top_k),
                                                      timeout=self.timeout_s))
 
+    @_async_raises_tandem_errors
     async def list_models(self) -> pb.ListModelsResponse:
         return await self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
 
+    @_async_raises_tandem_errors
     async def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
         return await self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
 

@@ -12,11 +12,10 @@ import argparse
 import dataclasses
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 ENV_PREFIX = "TANDEM_"
 

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle import Bundle, discover, load_bundle, version_key
+from bundle.tokenizer import ClipTokenizer
+
 from . import metrics
 from .batcher import Batcher
-from .bundle import Bundle, discover, load_bundle, version_key
 from .config import ServerConfig
 from .errors import not_found, unavailable
 from .runtime import Tower, choose_providers
-from .tokenizer import ClipTokenizer
 
 log = logging.getLogger("tandem.registry")
 
@@ -90,7 +91,7 @@ class Registry:
                 bundle=bundle,
                 image=self._batcher(towers["image"], m.name, "image"),
                 text=self._batcher(towers["text"], m.name, "text") if "text" in towers else None,
-                tokenizer=ClipTokenizer(m.text.context_length) if m.text else None,
+                tokenizer=ClipTokenizer(bundle.tokenizer_path, m.text.context_length) if m.text else None,
                 provider=provider,
                 labels=LabelCache(self.config.label_cache_size),
             )

@@ -10,10 +10,12 @@ import numpy as np
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
-from . import metrics, zero_shot
+from bundle import zero_shot
+from bundle.image import ImageInputError, preprocess
+
+from . import metrics, wire
 from .config import ServerConfig
 from .errors import ApiError, Code, failed_precondition, invalid, rpc
-from .preprocess import ImageInputError, decode, geometry, to_tensor
 from .registry import LoadedModel, Registry
 
 
@@ -25,8 +27,34 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _embeddings(x: np.ndarray) -> list[pb.Embedding]:
-    return [pb.Embedding(values=row) for row in x.astype(np.float32).tolist()]
+def _check_vector_format(request: pb.EmbedTextRequest | pb.EmbedImageRequest) -> None:
+    """Refuse an unusable dtype / float_list before any work is done."""
+    if request.dtype not in wire.DTYPES:
+        raise invalid(f"dtype {request.dtype} is unknown; use DTYPE_FLOAT32 (default) or DTYPE_FLOAT16")
+    if request.float_list and request.dtype != pb.DTYPE_FLOAT32:
+        raise invalid("float_list answers float32 numbers; leave dtype unset with float_list")
+
+
+def _matrix(x: np.ndarray, request: pb.EmbedTextRequest | pb.EmbedImageRequest) -> pb.Matrix:
+    try:
+        return wire.encode(x, request.dtype, request.float_list)
+    except wire.MatrixError as e:
+        raise invalid(str(e)) from None
+
+
+def check_labels(labels: list[str], templates: list[str], max_labels: int) -> None:
+    if not labels:
+        raise invalid("labels is empty; send at least one candidate label, e.g. ['dog', 'cat']")
+    if len(labels) > max_labels:
+        raise invalid(f"labels has {len(labels)} entries, more than max_labels={max_labels}")
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        if label in seen:
+            raise invalid(f"labels[{i}] {label!r} repeats labels[{seen[label]}]; labels must be unique")
+        seen[label] = i
+    for i, t in enumerate(templates):
+        if "{}" not in t:
+            raise invalid(f"templates[{i}] {t!r} has no '{{}}' where the label goes, e.g. 'a photo of a {{}}.'")
 
 
 class Inference(pb_grpc.InferenceServicer):
@@ -76,20 +104,16 @@ class Inference(pb_grpc.InferenceServicer):
     async def embed_images(self, m: LoadedModel, images: list[bytes], what: str = "images") -> np.ndarray:
         loop = asyncio.get_running_loop()
         spec, limit = m.bundle.manifest.image, self.config.max_image_pixels
-
-        decode_s, resize_s = metrics.STAGE_SECONDS.labels("decode", m.name, "image"), \
-            metrics.STAGE_SECONDS.labels("preprocess", m.name, "image")
+        stage = {s: metrics.STAGE_SECONDS.labels(s, m.name, "image") for s in ("decode", "preprocess")}
 
         def one(i: int, data: bytes) -> np.ndarray:
-            started = time.perf_counter()
+            seconds: dict[str, float] = {}
             try:
-                img = decode(data, limit)
+                tensor = preprocess(data, spec, limit, seconds)
             except ImageInputError as e:
                 raise invalid(f"{what}[{i}] {e}") from None
-            decoded = time.perf_counter()
-            tensor = to_tensor(geometry(img, spec), spec)
-            decode_s.observe(decoded - started)
-            resize_s.observe(time.perf_counter() - decoded)
+            for name, s in seconds.items():
+                stage[name].observe(s)
             return tensor
 
         tensors = await asyncio.gather(
@@ -105,10 +129,11 @@ class Inference(pb_grpc.InferenceServicer):
         metrics.ITEMS.labels("EmbedText").inc(len(texts))
         self._check_count(len(texts), "texts")
         self._check_texts(texts, "texts")
+        _check_vector_format(request)
         out, truncated = await self.embed_texts(m, texts, request.reject_truncated)
         if not request.unnormalized:
             out = l2_normalize(out)
-        return pb.EmbedResponse(model=_ref(m), dim=out.shape[1], embeddings=_embeddings(out),
+        return pb.EmbedResponse(model=_ref(m), dim=out.shape[1], embeddings=_matrix(out, request),
                                 normalized=not request.unnormalized, truncated=truncated.tolist())
 
     @rpc("EmbedImage")
@@ -117,10 +142,11 @@ class Inference(pb_grpc.InferenceServicer):
         images = list(request.images)
         metrics.ITEMS.labels("EmbedImage").inc(len(images))
         self._check_count(len(images), "images")
+        _check_vector_format(request)
         out = await self.embed_images(m, images)
         if not request.unnormalized:
             out = l2_normalize(out)
-        return pb.EmbedResponse(model=_ref(m), dim=out.shape[1], embeddings=_embeddings(out),
+        return pb.EmbedResponse(model=_ref(m), dim=out.shape[1], embeddings=_matrix(out, request),
                                 normalized=not request.unnormalized)
 
     @rpc("Classify")
@@ -135,7 +161,7 @@ class Inference(pb_grpc.InferenceServicer):
         templates = list(request.templates) or list(zero_shot.DEFAULT_TEMPLATES)
         metrics.ITEMS.labels("Classify").inc(len(images))
         self._check_count(len(images), "images")
-        zero_shot.check_labels(labels, templates, self.config.max_labels)
+        check_labels(labels, templates, self.config.max_labels)
         if len(labels) * len(templates) > self.config.max_queue_rows:
             raise invalid(
                 f"{len(labels)} labels x {len(templates)} templates = {len(labels) * len(templates)} prompts, more "

@@ -24,14 +24,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from server.bundle import FORMAT, ImageSpec, Manifest, TextSpec, load_bundle, sha256_of
-from server.tokenizer import ClipTokenizer
+from bundle.manifest import FORMAT, ImageSpec, Manifest, TextSpec, load_bundle, sha256_of
 
-from .models import build_model, preprocess_config, read_checkpoint
+from .models import build_model, clip_bpe, clip_tokenizer, preprocess_config, read_checkpoint
 
 log = logging.getLogger("tandem.export")
 
 OPSET = 18
+TOKENIZER_FILE = "tokenizer.json"
 # Minimum cosine (ONNX Runtime vs PyTorch fp32) per precision.
 PARITY_THRESHOLD = {"fp32": 0.9999, "fp16": 0.999}
 # Ops a fused attention kernel would show up as; the export must not contain them.
@@ -227,7 +227,8 @@ def export_bundle(
         text_spec = None
         if towers.text is not None and towers.text_reference is not None:
             log.info("exporting text tower of %s (%s)", towers.architecture, precision)
-            tokens = ClipTokenizer(towers.context_length).encode_batch(PROBE_TEXTS)[0]
+            clip_bpe().save(str(work / TOKENIZER_FILE))
+            tokens = clip_tokenizer(towers.context_length).encode_batch(PROBE_TEXTS)[0]
             _onnx_export(towers.text, torch.from_numpy(tokens[:2]), "input_ids", work / "text.onnx")
             with torch.no_grad():
                 ref_txt = towers.text_reference(torch.from_numpy(tokens)).numpy()
@@ -235,7 +236,8 @@ def export_bundle(
             parity["text_min_cosine"] = _min_cosine(got_txt, ref_txt)
             parity["text_max_abs_diff"] = float(np.abs(got_txt - ref_txt).max())
             text_spec = TextSpec(file="text.onnx", sha256=sha256_of(work / "text.onnx"),
-                                 context_length=towers.context_length)
+                                 context_length=towers.context_length, tokenizer_file=TOKENIZER_FILE,
+                                 tokenizer_sha256=sha256_of(work / TOKENIZER_FILE))
         cosines = [v for k, v in parity.items() if k.endswith("min_cosine")]
         worst = float("nan") if any(np.isnan(c) for c in cosines) else min(cosines)
         parity["min_cosine"] = worst
@@ -269,7 +271,7 @@ def export_bundle(
                 "checkpoint_sha256": sha256_of(Path(checkpoint)) if checkpoint else None,
                 "weights": "checkpoint" if checkpoint else "random-init",
                 "note": source_note,
-                "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "model_config": towers.config,
             },
             parity=parity,
@@ -284,3 +286,28 @@ def export_bundle(
     load_bundle(dest)  # what we wrote must load
     log.info("wrote %s (parity min cosine %.6f)", dest, worst)
     return ExportResult(dest, manifest)
+
+
+def upgrade_bundle(path: Path) -> Manifest:
+    """Bring a tandem-bundle/1 folder to the current format in place: add tokenizer.json to a CLIP bundle.
+
+    The vocabulary is open_clip's (the one every tandem-bundle/1 CLIP bundle
+    was exported with), so the ids do not change. Image-only bundles only
+    get the new format string. Returns the new manifest, checked by load_bundle.
+    """
+    import json
+
+    path = Path(path)
+    data = json.loads((path / "manifest.json").read_text())
+    if data.get("format") == FORMAT:
+        return load_bundle(path).manifest
+    if data.get("format") != "tandem-bundle/1":
+        raise ValueError(f"{path}: format {data.get('format')!r} is not one this version can upgrade")
+    if data.get("text"):
+        clip_bpe().save(str(path / TOKENIZER_FILE))
+        data["text"].update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_of(path / TOKENIZER_FILE))
+    data["format"] = FORMAT
+    tmp = path / "manifest.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path / "manifest.json")
+    return load_bundle(path).manifest

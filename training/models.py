@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from tokenizers import Tokenizer
+
+from bundle.tokenizer import ClipTokenizer, build_clip_bpe
 
 # open_clip and huggingface_hub must never reach the network from Tandem.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,6 +105,17 @@ def build_model(arch: str | None, checkpoint: Path | None = None, state: dict[st
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
     return model.eval(), name, cfg
+
+
+@lru_cache(maxsize=1)
+def clip_bpe() -> Tokenizer:
+    """open_clip's CLIP BPE vocabulary (it ships in the open_clip wheel) as the tokenizer bundles carry."""
+    return build_clip_bpe(Path(open_clip.tokenizer.default_bpe()))
+
+
+def clip_tokenizer(context_length: int = 77) -> ClipTokenizer:
+    """The tokenizer training and export use: the one the server loads from the bundle, same ids."""
+    return ClipTokenizer(clip_bpe(), context_length)
 
 
 def preprocess_config(model: torch.nn.Module) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from PIL import Image
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
+from server.wire import decode as matrix
 from tests.conftest import png_bytes
 
 GOOD = png_bytes(Image.new("RGB", (40, 30), (200, 30, 30)))
@@ -33,9 +34,9 @@ def expect(call, code: grpc.StatusCode, *fragments: str) -> None:  # type: ignor
 
 def still_serving(stub) -> None:  # type: ignore[no-untyped-def]
     r = stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD]), timeout=30)
-    assert len(r.embeddings) == 1
+    assert matrix(r.embeddings).shape == (1, r.dim)
     r = stub.EmbedText(pb.EmbedTextRequest(texts=["ok"]), timeout=30)
-    assert len(r.embeddings) == 1
+    assert matrix(r.embeddings).shape == (1, r.dim)
 
 
 IMAGE_CASES = {
@@ -73,7 +74,7 @@ def test_overlong_text_is_truncated_and_flagged(stub) -> None:  # type: ignore[n
     assert list(r.truncated) == [False, True]
     # Truncation keeps the first tokens: the same as embedding the first 14 words.
     cut = stub.EmbedText(pb.EmbedTextRequest(texts=["word " * 14]), timeout=30)
-    np.testing.assert_allclose(r.embeddings[1].values, cut.embeddings[0].values, atol=1e-6)
+    np.testing.assert_allclose(matrix(r.embeddings)[1], matrix(cut.embeddings)[0], atol=1e-6)
 
 
 def test_overlong_text_with_reject_truncated_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
@@ -127,7 +128,7 @@ def test_zero_shot_and_text_on_image_only_model_fail_precondition(stub) -> None:
     expect(lambda: stub.EmbedText(pb.EmbedTextRequest(model="tiny-image", texts=["a"]), timeout=30),
            C.FAILED_PRECONDITION, "image-only")
     r = stub.EmbedImage(pb.EmbedImageRequest(model="tiny-image", images=[GOOD]), timeout=30)
-    assert r.model.name == "tiny-image" and len(r.embeddings[0].values) == r.dim
+    assert r.model.name == "tiny-image" and matrix(r.embeddings).shape == (1, r.dim)
 
 
 def test_bad_client_does_not_disturb_concurrent_good_clients(tiny_server) -> None:  # type: ignore[no-untyped-def]
@@ -137,7 +138,7 @@ def test_bad_client_does_not_disturb_concurrent_good_clients(tiny_server) -> Non
     stub = pb_grpc.InferenceStub(channel)
 
     def good(_: int) -> int:
-        return len(stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD, GOOD]), timeout=30).embeddings)
+        return stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD, GOOD]), timeout=30).embeddings.rows
 
     def bad(_: int) -> grpc.StatusCode:
         try:
@@ -159,3 +160,15 @@ def test_more_prompts_than_the_queue_holds_is_invalid(stub) -> None:  # type: ig
     expect(lambda: stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=list("abcde"), templates=templates),
                                  timeout=30),
            C.INVALID_ARGUMENT, "4100 prompts", "max_queue_rows=4096")
+
+
+def test_unknown_dtype_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
+    expect(lambda: stub.EmbedText(pb.EmbedTextRequest(texts=["ok"], dtype=7), timeout=30),
+           C.INVALID_ARGUMENT, "dtype 7 is unknown", "DTYPE_FLOAT16")
+
+
+def test_float_list_with_float16_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
+    expect(lambda: stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD], dtype=pb.DTYPE_FLOAT16, float_list=True),
+                                   timeout=30),
+           C.INVALID_ARGUMENT, "float_list answers float32")
+    still_serving(stub)

@@ -42,16 +42,23 @@ def test_reflection_only_client_embeds_and_classifies(default_server) -> None:  
     client = ReflectionClient(default_server.channel())
     assert {"tandem.v1.Inference", "tandem.v1.Models", "grpc.health.v1.Health"} <= set(client.services())
 
-    text = client.call("tandem.v1.Inference", "EmbedText", {"texts": ["a small red circle", "a large blue square"]})
+    texts = ["a small red circle", "a large blue square"]
+    # JSON tools read vectors as numbers with float_list ...
+    text = client.call("tandem.v1.Inference", "EmbedText", {"texts": texts, "floatList": True})
     assert text["model"] == {"name": "tandem-shapes", "version": "1"}
-    vectors = np.array([e["values"] for e in text["embeddings"]])
-    assert vectors.shape == (2, text["dim"])
+    m = text["embeddings"]
+    assert "data" not in m and (m["rows"], m["dim"]) == (2, text["dim"])
+    vectors = np.array(m["values"], np.float32).reshape(2, -1)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # ... and without it get the raw little-endian float32 matrix as base64: the same numbers.
+    raw = client.call("tandem.v1.Inference", "EmbedText", {"texts": texts})["embeddings"]
+    assert "values" not in raw
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(raw["data"]), "<f4").reshape(2, -1), vectors)
 
     img, spec = procedural.ShapesDataset("test", 1, seed=7)[0]
     b64 = base64.b64encode(png_bytes(img)).decode()
-    image = client.call("tandem.v1.Inference", "EmbedImage", {"images": [b64]})
-    assert len(image["embeddings"][0]["values"]) == text["dim"]
+    image = client.call("tandem.v1.Inference", "EmbedImage", {"images": [b64], "floatList": True})
+    assert len(image["embeddings"]["values"]) == text["dim"]
 
     labels = procedural.class_labels()
     result = client.call("tandem.v1.Inference", "Classify", {"images": [b64], "labels": labels, "topK": 3})

@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from server.bundle import BundleError, load_bundle
-from server.tokenizer import ClipTokenizer
+from bundle import BundleError, load_bundle
+from bundle.tokenizer import ClipTokenizer
 from tests.conftest import CONFIGS
 from training import export as export_mod
 from training.export import FUSED_ATTENTION_OPS, ParityError, export_bundle
@@ -46,7 +46,7 @@ def test_export_matches_pytorch_on_fresh_inputs(tmp_path, config: str) -> None: 
         with torch.no_grad():
             want = model.encode_image(x).numpy()
         assert cosines(run_onnx(bundle.image_path, x.numpy()), want).min() >= 0.9999
-    ids, _ = ClipTokenizer(m.text.context_length).encode_batch(["a cat", "two dogs on grass", "z"])
+    ids, _ = ClipTokenizer(bundle.tokenizer_path, m.text.context_length).encode_batch(["a cat", "two dogs on grass", "z"])
     with torch.no_grad():
         want = model.encode_text(torch.from_numpy(ids)).numpy()
     assert cosines(run_onnx(bundle.text_path, ids), want).min() >= 0.9999

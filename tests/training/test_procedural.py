@@ -57,7 +57,7 @@ def test_captions_name_the_class_and_position_is_right() -> None:
 
 
 def test_shapes_command_writes_labelled_files_and_the_label_list(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from server.cli import main
+    from cli import main
 
     assert main(["shapes", "--out", str(tmp_path), "--count", "30"]) == 0
     labels = (tmp_path / "labels.txt").read_text().split("\n")[:-1]

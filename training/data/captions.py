@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from server.preprocess import to_rgb
+from bundle.image import load_image
 
 from . import procedural
 
@@ -70,8 +70,7 @@ class FolderCaptions(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         path, caption = self.rows[i]
-        with Image.open(path) as img:
-            return self.transform(to_rgb(img)), caption
+        return self.transform(load_image(path)), caption
 
 
 class ShapesCaptions(Dataset):

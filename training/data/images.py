@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from server.preprocess import to_rgb
+from bundle.image import load_rgb
 
 from . import procedural
 
@@ -76,8 +76,7 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         path, label = self.files[i]
-        with Image.open(path) as img:
-            return self.transform(to_rgb(img)), label
+        return self.transform(load_rgb(path)), label
 
 
 def stack(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Zero-shot top-1 accuracy of a CLIP model in PyTorch (training-time evaluation).
 
-Mirrors the server's zero-shot path (server/zero_shot.py): prompt ensemble,
+Mirrors the server's zero-shot path (bundle/zero_shot.py): prompt ensemble,
 normalised mean of prompt embeddings, argmax of cosine.
 """
 
@@ -11,16 +11,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from server.tokenizer import ClipTokenizer
-from server.zero_shot import DEFAULT_TEMPLATES
+from bundle.tokenizer import ClipTokenizer
+from bundle.zero_shot import DEFAULT_TEMPLATES, prompts
 
 
 @torch.no_grad()
 def label_embeddings(model: torch.nn.Module, tokenizer: ClipTokenizer, labels: Sequence[str],
                      templates: Sequence[str] = DEFAULT_TEMPLATES, device: str = "cpu") -> torch.Tensor:
     """[len(labels), dim] unit vectors."""
-    prompts = [t.replace("{}", label) for label in labels for t in templates]
-    ids = torch.from_numpy(tokenizer.encode_batch(prompts)[0]).to(device)
+    ids = torch.from_numpy(tokenizer.encode_batch(prompts(list(labels), list(templates)))[0]).to(device)
     emb = F.normalize(model.encode_text(ids).float(), dim=-1).view(len(labels), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1)
 

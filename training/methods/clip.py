@@ -19,12 +19,11 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
-from server.tokenizer import ClipTokenizer
 from training.data import procedural
 from training.data.captions import FolderCaptions, ShapesCaptions
 from training.distributed import Dist
 from training.evaluation import zero_shot
-from training.models import build_model, preprocess_config
+from training.models import build_model, clip_tokenizer, preprocess_config
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -52,7 +51,7 @@ class Clip:
         # real photos get open_clip's training transform (random resized crop).
         self.eval_transform = open_clip.image_transform(size, is_train=False, **kw)
         self.train_transform = open_clip.image_transform(size, is_train=True, **kw)
-        self.tokenizer = ClipTokenizer(self.model_cfg.get("text_cfg", {}).get("context_length", 77))
+        self.tokenizer = clip_tokenizer(self.model_cfg.get("text_cfg", {}).get("context_length", 77))
         self.loss_fn = ClipLoss(gather_with_grad=True, rank=dist.rank, world_size=dist.world_size)
         self._eval_sets: dict[str, ShapesCaptions] = {}
         self._labels = procedural.class_labels()

@@ -1,10 +1,18 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
@@ -14,37 +22,53 @@ class ModelRef(_message.Message):
     version: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
-class Embedding(_message.Message):
-    __slots__ = ("values",)
+class Matrix(_message.Message):
+    __slots__ = ("rows", "dim", "dtype", "data", "values")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    dim: int
+    dtype: DType
+    data: bytes
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedTextRequest(_message.Message):
-    __slots__ = ("model", "version", "texts", "unnormalized", "reject_truncated")
+    __slots__ = ("model", "version", "texts", "unnormalized", "reject_truncated", "dtype", "float_list")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     UNNORMALIZED_FIELD_NUMBER: _ClassVar[int]
     REJECT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_LIST_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     unnormalized: bool
     reject_truncated: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., unnormalized: _Optional[bool] = ..., reject_truncated: _Optional[bool] = ...) -> None: ...
+    dtype: DType
+    float_list: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., unnormalized: _Optional[bool] = ..., reject_truncated: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., float_list: _Optional[bool] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "unnormalized")
+    __slots__ = ("model", "version", "images", "unnormalized", "dtype", "float_list")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     UNNORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_LIST_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     unnormalized: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., unnormalized: _Optional[bool] = ...) -> None: ...
+    dtype: DType
+    float_list: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., unnormalized: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., float_list: _Optional[bool] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("model", "dim", "embeddings", "normalized", "truncated")
@@ -55,10 +79,10 @@ class EmbedResponse(_message.Message):
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     dim: int
-    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    embeddings: Matrix
     normalized: bool
     truncated: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., dim: _Optional[int] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., normalized: _Optional[bool] = ..., truncated: _Optional[_Iterable[bool]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., dim: _Optional[int] = ..., embeddings: _Optional[_Union[Matrix, _Mapping]] = ..., normalized: _Optional[bool] = ..., truncated: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("model", "version", "images", "labels", "templates", "top_k")
@@ -219,9 +243,9 @@ class Item(_message.Message):
     id: str
     text: str
     image: bytes
-    vector: Embedding
+    vector: Matrix
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[Embedding, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[Matrix, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("collection", "items")
@@ -275,8 +299,8 @@ class StoredItem(_message.Message):
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     metadata: _containers.ScalarMap[str, str]
-    vector: Embedding
-    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Union[Embedding, _Mapping]] = ...) -> None: ...
+    vector: Matrix
+    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., vector: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("items",)
@@ -295,10 +319,10 @@ class SearchRequest(_message.Message):
     collection: str
     text: str
     image: bytes
-    vector: Embedding
+    vector: Matrix
     id: str
     top_k: int
-    def __init__(self, collection: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[Embedding, _Mapping]] = ..., id: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+    def __init__(self, collection: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., vector: _Optional[_Union[Matrix, _Mapping]] = ..., id: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "metadata")

@@ -10,25 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import invalid
-
 # A small ensemble in the style of CLIP's ImageNet prompts.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
-
-
-def check_labels(labels: list[str], templates: list[str], max_labels: int) -> None:
-    if not labels:
-        raise invalid("labels is empty; send at least one candidate label, e.g. ['dog', 'cat']")
-    if len(labels) > max_labels:
-        raise invalid(f"labels has {len(labels)} entries, more than max_labels={max_labels}")
-    seen: dict[str, int] = {}
-    for i, label in enumerate(labels):
-        if label in seen:
-            raise invalid(f"labels[{i}] {label!r} repeats labels[{seen[label]}]; labels must be unique")
-        seen[label] = i
-    for i, t in enumerate(templates):
-        if "{}" not in t:
-            raise invalid(f"templates[{i}] {t!r} has no '{{}}' where the label goes, e.g. 'a photo of a {{}}.'")
 
 
 def prompts(labels: list[str], templates: list[str]) -> list[str]:

@@ -4,7 +4,13 @@ A bundle is a folder ``<repository>/<name>/<version>/`` holding
 ``manifest.json``, ``image.onnx`` and, for CLIP models, ``text.onnx``. The
 manifest tells the server everything it needs (preprocessing, tokenizer,
 logit scale, file hashes, export parity) so nothing is guessed at load time.
-Export writes it (training/export.py); the server reads it (here).
+Export writes it (training/export.py); the server reads it through this package.
+
+Format history: ``tandem-bundle/2`` adds the tokenizer file (``tokenizer.json``,
+hashed like the ONNX files) to CLIP bundles. A ``tandem-bundle/1`` bundle still
+loads when it is image-only; with a text tower it is refused with the command
+that upgrades it (``tandem bundle upgrade``), since the serving install has no
+open_clip to take the vocabulary from.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "tandem-bundle/1"
+FORMAT = "tandem-bundle/2"
+READABLE_FORMATS = ("tandem-bundle/1", FORMAT)
 KINDS = ("clip", "image")
 RESIZE_MODES = ("shortest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -47,9 +54,11 @@ class TextSpec:
     file: str
     sha256: str
     context_length: int
-    tokenizer: str = "clip-bpe"  # open_clip's SimpleTokenizer (vocabulary ships with open_clip)
+    tokenizer: str = "clip-bpe"  # open_clip's CLIP BPE, as the Hugging Face tokenizers file below
     input: str = "input_ids"  # int64 [batch, context_length]
     output: str = "embeddings"
+    tokenizer_file: str = ""  # tokenizer.json in the bundle (empty only in tandem-bundle/1)
+    tokenizer_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,8 @@ class Manifest:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Manifest:
         data = dict(data)
-        if data.get("format") != FORMAT:
-            raise BundleError(f"format is {data.get('format')!r}, this server reads {FORMAT!r}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise BundleError(f"format is {data.get('format')!r}; this version of Tandem reads {READABLE_FORMATS}")
         try:
             image = data.pop("image")
             image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
@@ -97,6 +106,12 @@ class Manifest:
             raise BundleError(f"precision must be fp32 or fp16, got {self.precision!r}")
         if self.text is not None and self.text.tokenizer != "clip-bpe":
             raise BundleError(f"tokenizer {self.text.tokenizer!r} is not supported (only 'clip-bpe')")
+        if self.text is not None and not self.text.tokenizer_file:
+            raise BundleError(
+                f"{self.name}/{self.version} was exported before bundles carried their tokenizer ({self.format}). "
+                "Upgrade it in place with `tandem bundle upgrade PATH` (needs the training extra, "
+                "`pip install -e '.[train]'`, for open_clip's vocabulary), or export it again with `tandem export`"
+            )
 
 
 def sha256_of(path: Path) -> str:
@@ -120,6 +135,10 @@ class Bundle:
     def text_path(self) -> Path | None:
         return self.path / self.manifest.text.file if self.manifest.text else None
 
+    @property
+    def tokenizer_path(self) -> Path | None:
+        return self.path / self.manifest.text.tokenizer_file if self.manifest.text else None
+
 
 def load_bundle(path: Path, verify_hashes: bool = True) -> Bundle:
     """Read and check one bundle folder; raise BundleError saying what is wrong."""
@@ -140,6 +159,7 @@ def load_bundle(path: Path, verify_hashes: bool = True) -> Bundle:
     files = [(manifest.image.file, manifest.image.sha256)]
     if manifest.text:
         files.append((manifest.text.file, manifest.text.sha256))
+        files.append((manifest.text.tokenizer_file, manifest.text.tokenizer_sha256))
     for name, digest in files:
         file = path / name
         if not file.is_file():

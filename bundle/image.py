@@ -1,0 +1,170 @@
+"""Image bytes -> the float32 tensor a bundle's image tower expects (Pillow + numpy, no torch).
+
+:func:`preprocess` is the one function the server calls, the tests check,
+and (through :func:`load_rgb`, its decoding half) the training data loaders
+read files with, so training and serving see the same pixels.
+
+Decoding is strict: only JPEG, PNG, WebP, GIF (first frame) and BMP are
+accepted; the pixel count is checked from the header *before* any pixels are
+decoded (decompression bombs never allocate); EXIF orientation is applied.
+
+The geometry reproduces open_clip's inference transform (torchvision's
+``Resize`` and ``CenterCrop`` on PIL images, which call ``Image.resize`` with
+the sizes and rounding copied here), so pixels match open_clip's
+``preprocess`` for RGB, grayscale and RGBA input (tests/bundle/test_image.py).
+Like open_clip, RGBA and LA images are resized with their alpha (Pillow
+resamples them premultiplied) and the alpha is dropped afterwards.
+Deliberate differences, where open_clip's result is an accident of PIL:
+palette images without transparency are converted to RGB before resizing
+(open_clip resizes the palette indices with nearest-neighbour), 16-bit and
+float grayscale is rescaled to 8 bits (open_clip clips it to white), and
+CMYK, YCbCr and 1-bit images become RGB before resizing.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .manifest import ImageSpec
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST}
+# Past this many times the output area, the shortest-side resize would build a
+# huge intermediate image (a 1 x 10,000 strip becomes 224 x 2,240,000), so
+# only the centre crop's source box is resized: the same filter taps, without
+# the intermediate.
+_BOX_RESIZE_AREA = 8
+# Our own pixel limit (checked before decoding) replaces PIL's global one.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageInputError(ValueError):
+    """The bytes are not an image we can use; the message says why."""
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode, apply EXIF orientation, and bring to a mode that resizes like open_clip:
+    RGB, RGBA, L or LA. Raise ImageInputError with the reason otherwise."""
+    if not data:
+        raise ImageInputError("is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageInputError(_unsupported_reason(data)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # header cut short or malformed
+        raise ImageInputError(f"could not be decoded ({e}); is it truncated or corrupt?") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageInputError(
+            f"is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(server option max_image_pixels); downscale it before sending"
+        )
+    try:
+        img.load()  # first frame only for GIF and animated WebP
+        return _resample_mode(ImageOps.exif_transpose(img))
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError) as e:
+        raise ImageInputError(f"could not be decoded as {img.format} ({e}); is it truncated or corrupt?") from None
+
+
+def _unsupported_reason(data: bytes) -> str:
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception:
+        fmt = None
+    accepted = ", ".join(FORMATS)
+    if fmt:
+        return f"is {fmt}, which is not accepted; send one of {accepted}"
+    return f"is not a recognisable image ({len(data)} bytes, starts {data[:8]!r}); send one of {accepted}"
+
+
+def _resample_mode(img: Image.Image) -> Image.Image:
+    """RGB, RGBA, L and LA as they are; everything else to one of them (see the module docstring)."""
+    if img.mode in ("RGB", "RGBA", "L", "LA"):
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode != "F" else max(float(arr.max()), 1e-12)
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        return img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("PA", "RGBa"):
+        return img.convert("RGBA")
+    if img.mode == "La":
+        return img.convert("LA")
+    if img.mode == "1":
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: alpha dropped (not composited), grayscale replicated, as PIL's convert does."""
+    img = _resample_mode(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(source: bytes | str | Path, max_pixels: int = 1 << 31) -> Image.Image:
+    """An image file (path or bytes) decoded as the server decodes it (RGB, RGBA, L or LA).
+
+    For training loaders whose transforms resize first and convert to RGB
+    after, as open_clip's do: they then see what the server sees.
+    """
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return decode(data, max_pixels)
+
+
+def load_rgb(source: bytes | str | Path, max_pixels: int = 1 << 31) -> Image.Image:
+    """:func:`load_image` as 8-bit RGB, for transforms that need RGB from the start (colour jitter).
+
+    Transparent images lose their alpha before resizing here, after it in
+    serving: the only place training and serving pixels can differ.
+    """
+    return to_rgb(load_image(source, max_pixels))
+
+
+def geometry(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    """Resize and crop exactly as open_clip's inference transform does (torchvision on PIL)."""
+    resample = _RESAMPLE[spec.interpolation]
+    size, (w, h) = spec.size, img.size
+    if spec.resize_mode == "squash":
+        return img if (w, h) == (size, size) else img.resize((size, size), resample)
+    # torchvision Resize(size): the shorter side becomes `size`, the longer is truncated to int.
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    # torchvision CenterCrop: offsets rounded half to even, as Python's round() does.
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    if new_w * new_h > _BOX_RESIZE_AREA * size * size:
+        sx, sy = w / new_w, h / new_h
+        return img.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample)
+    return img if (new_w, new_h) == (size, size) else img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """float32 [3, size, size]: pixels / 255, then (x - mean) / std per channel (torchvision's ToTensor, Normalize)."""
+    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess(data: bytes, spec: ImageSpec, max_pixels: int, seconds: dict[str, float] | None = None) -> np.ndarray:
+    """Encoded image -> float32 [3, size, size] ready for the image tower.
+
+    Raises ImageInputError for bytes it cannot use. With `seconds`, records the
+    time spent in "decode" (bytes -> pixels) and "preprocess" (resize, crop,
+    normalise), for the server's stage metrics.
+    """
+    started = time.perf_counter()
+    img = decode(data, max_pixels)
+    decoded = time.perf_counter()
+    tensor = to_tensor(to_rgb(geometry(img, spec)), spec)
+    if seconds is not None:
+        seconds["decode"], seconds["preprocess"] = decoded - started, time.perf_counter() - decoded
+    return tensor
