@@ -24,7 +24,7 @@ def encode(x: np.ndarray, dtype: int = pb.DTYPE_FLOAT32, float_list: bool = Fals
     if float_list:
         if dtype != pb.DTYPE_FLOAT32:
             raise MatrixError("float_list answers float32 numbers; leave dtype unset with float_list")
-        return pb.Matrix(rows=rows, dim=dim, values=np.asarray(x, np.float32).ravel())
+        return pb.Matrix(rows=rows, dim=dim, values=np.asarray(x, np.float32).ravel().tolist())
     if dtype not in DTYPES:
         raise MatrixError(f"dtype {dtype} is not one of {', '.join(pb.DType.Name(d) for d in DTYPES)}")
     if dtype == pb.DTYPE_FLOAT16 and x.size and float(np.abs(x).max()) > _FLOAT16_MAX:

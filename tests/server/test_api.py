@@ -164,3 +164,73 @@ def test_metrics_count_requests_stages_and_batches(tiny_server) -> None:  # type
         assert value("tandem_stage_seconds_count", stage=stage, model="tiny-clip", tower="image") == \
             before_stages[stage] + 1, stage
     assert value("tandem_request_seconds_count", method="EmbedImage") == before_seconds + 2
+
+
+def test_embeddings_are_one_raw_little_endian_float32_matrix(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    stub = pb_grpc.InferenceStub(tiny_server.channel())
+    r = stub.EmbedText(pb.EmbedTextRequest(texts=["a", "b", "c"]))
+    m = r.embeddings
+    assert (m.rows, m.dim, m.dtype) == (3, r.dim, pb.DTYPE_FLOAT32) and len(m.values) == 0
+    assert len(m.data) == 3 * r.dim * 4
+    as_list = stub.EmbedText(pb.EmbedTextRequest(texts=["a", "b", "c"], float_list=True)).embeddings
+    assert not as_list.data and (as_list.rows, as_list.dim) == (3, r.dim)
+    np.testing.assert_array_equal(np.frombuffer(m.data, "<f4"), np.asarray(as_list.values, np.float32))
+
+
+def test_float16_embeddings_are_the_float32_ones_rounded(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(tiny_server.target) as c:
+        f32 = c.embed_image([RED, BLUE]).embeddings
+        f16 = c.embed_image([RED, BLUE], dtype="float16").embeddings
+        t16 = c.embed_text(["a red circle"], dtype="float16").embeddings
+    assert f16.dtype == np.float16 and t16.dtype == np.float16 and f16.shape == f32.shape
+    np.testing.assert_array_equal(f16, f32.astype(np.float16))
+
+
+def test_client_decodes_without_copying_the_response_buffer(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(tiny_server.target) as c:
+        e = c.embed_text(["a", "b"]).embeddings
+    assert not e.flags.owndata and not e.flags.writeable  # a view of the bytes that came off the wire
+    owner = e
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(owner, bytes)
+
+
+def test_client_raises_one_exception_type_per_status_family(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    from server.client import FailedPrecondition, NotFound, TandemError, Unavailable
+
+    with TandemClient(tiny_server.target) as c:
+        with pytest.raises(NotFound) as nf:
+            TandemClient(tiny_server.target, model="nope").embed_text(["a"])
+        assert nf.value.code == grpc.StatusCode.NOT_FOUND and "loaded models: tiny-clip, tiny-image" in nf.value.message
+        with pytest.raises(InvalidArgument, match="texts\\[1\\] is empty"):
+            c.embed_text(["fine", " "])
+        with pytest.raises(FailedPrecondition, match="image-only"):
+            TandemClient(tiny_server.target, model="tiny-image").embed_text(["a"])
+    with socket_closed_port() as port, TandemClient(f"127.0.0.1:{port}", timeout_s=5) as c:
+        with pytest.raises(Unavailable) as un:
+            c.list_models()
+        assert un.value.retryable and isinstance(un.value, TandemError)
+
+
+def test_async_client_raises_the_same_types(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        async with AsyncTandemClient(tiny_server.target) as c:
+            with pytest.raises(InvalidArgument, match="images\\[0\\]"):
+                await c.embed_image([b"junk"])
+
+    asyncio.run(main())
+
+
+class socket_closed_port:
+    """A localhost port nobody listens on."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        pass
