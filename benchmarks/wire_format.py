@@ -91,7 +91,7 @@ def main() -> None:
     base_build = cpu_per_call(old_build, args.seconds)
     base_decode = cpu_per_call(old_decode, args.seconds)
     print(f"{args.rows} x {args.dim} float32 embeddings, CPU time per response (process time)\n")
-    print(f"| layout | bytes | build+serialise µs | vs before | parse+decode µs | vs before |")
+    print("| layout | bytes | build+serialise µs | vs before | parse+decode µs | vs before |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, build, decode, size in rows:
         b = base_build if build is old_build else cpu_per_call(build, args.seconds)
