@@ -1,10 +1,12 @@
-"""The gRPC server: listen first (health says NOT_SERVING), load and warm the models, then SERVING."""
+"""The gRPC server: listen first (health says NOT_SERVING), load and warm the models, open the
+collections, then SERVING."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,9 +15,13 @@ from prometheus_client import start_http_server
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
+from index.manager import Collections
+
+from . import metrics
+from .collections import CollectionsService
 from .config import ServerConfig
 from .registry import Registry
-from .service import Collections, Inference, Models
+from .service import Inference, Models
 
 log = logging.getLogger("tandem.server")
 
@@ -28,15 +34,18 @@ class TandemServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.registry = Registry(config)
+        self.collections = Collections(Path(config.data_dir))
         self.health = health.aio.HealthServicer()
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
         self.server = grpc.aio.server(options=options)
-        pb_grpc.add_InferenceServicer_to_server(Inference(self.registry, config), self.server)
+        inference = Inference(self.registry, config)
+        self.collections_service = CollectionsService(self.registry, self.collections, config, inference)
+        pb_grpc.add_InferenceServicer_to_server(inference, self.server)
         pb_grpc.add_ModelsServicer_to_server(Models(self.registry), self.server)
-        pb_grpc.add_CollectionsServicer_to_server(Collections(), self.server)
+        pb_grpc.add_CollectionsServicer_to_server(self.collections_service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -47,23 +56,29 @@ class TandemServer:
             raise RuntimeError(f"could not listen on {config.host}:{config.port} (in use?)")
 
     async def _set_health(self, status: int) -> None:
-        # Collections is contract-only for now, so health does not report it.
-        for name in ("", "tandem.v1.Inference", "tandem.v1.Models"):
+        for name in ("",) + SERVICES:
             await self.health.set(name, status)
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d (NOT_SERVING until models are warm)", self.config.host, self.port)
-        await asyncio.get_running_loop().run_in_executor(None, self.registry.load)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.registry.load)
         await self.registry.warm_up()
+        await loop.run_in_executor(None, self.collections.load)
+        for c in self.collections.all():
+            metrics.COLLECTION_ITEMS.labels(c.spec.name).set(c.store.count())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING %d model(s); default %s/%s", len(self.registry.all()), *self.registry.default)
+        log.info("SERVING %d model(s), %d collection(s); default model %s/%s", len(self.registry.all()),
+                 len(self.collections.all()), *self.registry.default)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        await self.collections_service.close()
         await self.registry.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.collections.close)
 
 
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:

@@ -26,19 +26,22 @@ the status code and the server's message:
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from .wire import decode as decode_matrix
+from .wire import encode as encode_matrix
 
-__all__ = ["TandemClient", "AsyncTandemClient", "EmbedResult", "Label", "decode_matrix", "TandemError",
+__all__ = ["TandemClient", "AsyncTandemClient", "EmbedResult", "Label", "Hit", "ById", "GetResult", "decode_matrix",
+           "TandemError",
            "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition", "Overloaded", "Unavailable",
            "DeadlineExceeded", "Unauthorized", "ServerError"]
 
@@ -201,6 +204,89 @@ class _Requests:
                                   labels=list(labels), templates=list(templates or []), top_k=top_k)
 
 
+# -- collections ------------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float  # higher is better (cosine, inner product, or minus squared L2 distance)
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ById:
+    """A query term that uses a stored item's vector: search(..., ById("item-7"))."""
+
+    id: str
+
+
+# A query: a text, an image (bytes or a path), a vector, ById(...), or a list of (weight, one of those) terms,
+# e.g. [(1.0, "red circle"), (1.0, Path("example.png")), (-0.5, "blue")].
+QueryLike = Union[str, bytes, Path, np.ndarray, ById, Sequence[tuple[float, Any]]]
+
+
+def _term(thing: Any, weight: float = 1.0) -> pb.QueryTerm:
+    if isinstance(thing, str):
+        return pb.QueryTerm(weight=weight, text=thing)
+    if isinstance(thing, (bytes, Path)):
+        return pb.QueryTerm(weight=weight, image=_bytes(thing))
+    if isinstance(thing, ById):
+        return pb.QueryTerm(weight=weight, id=thing.id)
+    if isinstance(thing, np.ndarray):
+        return pb.QueryTerm(weight=weight, vector=encode_matrix(np.asarray(thing, np.float32).reshape(1, -1)))
+    raise TypeError(f"a query term is a str (text), bytes or Path (image), numpy vector or ById, not {type(thing)}")
+
+
+def _query(q: QueryLike) -> pb.Query:
+    if isinstance(q, (list, tuple)):
+        return pb.Query(terms=[_term(thing, float(weight)) for weight, thing in q])
+    return pb.Query(terms=[_term(q)])
+
+
+def _item(item: Mapping[str, Any]) -> pb.Item:
+    """{"id": ..., one of "text" / "image" (bytes or Path) / "vector" (numpy), optional "metadata": {...}}."""
+    unknown = set(item) - {"id", "text", "image", "vector", "metadata"}
+    if unknown:
+        raise ValueError(f"item {item.get('id')!r} has unknown keys {sorted(unknown)}")
+    out = pb.Item(id=item["id"])
+    if "text" in item:
+        out.text = item["text"]
+    if "image" in item:
+        out.image = _bytes(item["image"])
+    if "vector" in item:
+        out.vector.CopyFrom(encode_matrix(np.asarray(item["vector"], np.float32).reshape(1, -1)))
+    if item.get("metadata"):
+        out.metadata.update(item["metadata"])
+    return out
+
+
+def _search_request(collection: str, queries: Sequence[QueryLike], top_k: int, filter: str, exact: bool,
+                    with_metadata: bool) -> pb.SearchRequest:
+    return pb.SearchRequest(collection=collection, queries=[_query(q) for q in queries], top_k=top_k,
+                            filter=filter, exact=exact, without_metadata=not with_metadata)
+
+
+def _hits(r: pb.SearchResponse) -> list[list[Hit]]:
+    return [[Hit(h.id, h.score, json_format.MessageToDict(h.metadata)) for h in res.hits] for res in r.results]
+
+
+@dataclass
+class GetResult:
+    items: dict[str, dict[str, Any]]  # id -> metadata, in request order
+    vectors: np.ndarray | None  # [len(items), dim] with with_vectors
+    missing: list[str]
+
+
+def _got(r: pb.GetResponse, with_vectors: bool) -> GetResult:
+    return GetResult({i.id: json_format.MessageToDict(i.metadata) for i in r.items},
+                     decode_matrix(r.vectors, "vectors") if with_vectors else None, list(r.missing))
+
+
+def _delete_request(collection: str, ids: Sequence[str] | None, filter: str) -> pb.DeleteRequest:
+    return pb.DeleteRequest(collection=collection, ids=list(ids or []), filter=filter)
+
+
 class TandemClient:
     """Blocking client. `model`/`version` empty = the server's default."""
 
@@ -209,6 +295,7 @@ class TandemClient:
         self.channel = grpc.insecure_channel(target, options=_options(max_message_bytes))
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.models = pb_grpc.ModelsStub(self.channel)
+        self.collections = pb_grpc.CollectionsStub(self.channel)
         self.req, self.timeout_s = _Requests(model, version), timeout_s
 
     @_raises_tandem_errors
@@ -236,6 +323,52 @@ class TandemClient:
     def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
         return self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
 
+    # -- collections ---------------------------------------------------------------
+    @_raises_tandem_errors
+    def create_collection(self, name: str, model: str = "", version: str = "", index_spec: str = "",
+                          metric: str = "cosine") -> pb.CollectionInfo:
+        return self.collections.CreateCollection(pb.CreateCollectionRequest(
+            name=name, model=model, version=version, index_spec=index_spec, metric=metric), timeout=self.timeout_s)
+
+    @_raises_tandem_errors
+    def list_collections(self) -> list[pb.CollectionInfo]:
+        return list(self.collections.ListCollections(pb.ListCollectionsRequest(), timeout=self.timeout_s).collections)
+
+    @_raises_tandem_errors
+    def get_collection(self, name: str) -> pb.CollectionInfo:
+        return self.collections.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout_s)
+
+    @_raises_tandem_errors
+    def drop_collection(self, name: str) -> None:
+        self.collections.DropCollection(pb.DropCollectionRequest(name=name), timeout=self.timeout_s)
+
+    @_raises_tandem_errors
+    def rebuild(self, name: str) -> pb.CollectionInfo:
+        return self.collections.Rebuild(pb.RebuildRequest(name=name), timeout=self.timeout_s)
+
+    @_raises_tandem_errors
+    def upsert(self, collection: str, items: Sequence[Mapping[str, Any]]) -> pb.UpsertResponse:
+        """Store items; check `.results[i].code` (0 = stored) for each, or `.upserted` for the count."""
+        return self.collections.Upsert(pb.UpsertRequest(collection=collection, items=[_item(i) for i in items]),
+                                       timeout=self.timeout_s)
+
+    @_raises_tandem_errors
+    def delete(self, collection: str, ids: Sequence[str] | None = None, filter: str = "") -> pb.DeleteResponse:
+        return self.collections.Delete(_delete_request(collection, ids, filter), timeout=self.timeout_s)
+
+    @_raises_tandem_errors
+    def get(self, collection: str, ids: Sequence[str], with_vectors: bool = False) -> GetResult:
+        return _got(self.collections.Get(pb.GetRequest(collection=collection, ids=list(ids),
+                                                       with_vectors=with_vectors), timeout=self.timeout_s),
+                    with_vectors)
+
+    @_raises_tandem_errors
+    def search(self, collection: str, *queries: QueryLike, top_k: int = 10, filter: str = "", exact: bool = False,
+               with_metadata: bool = True) -> list[list[Hit]]:
+        """One list of hits (best first) per query."""
+        return _hits(self.collections.Search(_search_request(collection, queries, top_k, filter, exact,
+                                                             with_metadata), timeout=self.timeout_s))
+
     def close(self) -> None:
         self.channel.close()
 
@@ -254,6 +387,7 @@ class AsyncTandemClient:
         self.channel = grpc.aio.insecure_channel(target, options=_options(max_message_bytes))
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.models = pb_grpc.ModelsStub(self.channel)
+        self.collections = pb_grpc.CollectionsStub(self.channel)
         self.req, self.timeout_s = _Requests(model, version), timeout_s
 
     @_async_raises_tandem_errors
@@ -281,6 +415,52 @@ class AsyncTandemClient:
     @_async_raises_tandem_errors
     async def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
         return await self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
+
+    # -- collections ---------------------------------------------------------------
+    @_async_raises_tandem_errors
+    async def create_collection(self, name: str, model: str = "", version: str = "", index_spec: str = "",
+                          metric: str = "cosine") -> pb.CollectionInfo:
+        return await self.collections.CreateCollection(pb.CreateCollectionRequest(
+            name=name, model=model, version=version, index_spec=index_spec, metric=metric), timeout=self.timeout_s)
+
+    @_async_raises_tandem_errors
+    async def list_collections(self) -> list[pb.CollectionInfo]:
+        return list((await self.collections.ListCollections(pb.ListCollectionsRequest(), timeout=self.timeout_s)).collections)
+
+    @_async_raises_tandem_errors
+    async def get_collection(self, name: str) -> pb.CollectionInfo:
+        return await self.collections.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout_s)
+
+    @_async_raises_tandem_errors
+    async def drop_collection(self, name: str) -> None:
+        await self.collections.DropCollection(pb.DropCollectionRequest(name=name), timeout=self.timeout_s)
+
+    @_async_raises_tandem_errors
+    async def rebuild(self, name: str) -> pb.CollectionInfo:
+        return await self.collections.Rebuild(pb.RebuildRequest(name=name), timeout=self.timeout_s)
+
+    @_async_raises_tandem_errors
+    async def upsert(self, collection: str, items: Sequence[Mapping[str, Any]]) -> pb.UpsertResponse:
+        """Store items; check `.results[i].code` (0 = stored) for each, or `.upserted` for the count."""
+        return await self.collections.Upsert(pb.UpsertRequest(collection=collection, items=[_item(i) for i in items]),
+                                       timeout=self.timeout_s)
+
+    @_async_raises_tandem_errors
+    async def delete(self, collection: str, ids: Sequence[str] | None = None, filter: str = "") -> pb.DeleteResponse:
+        return await self.collections.Delete(_delete_request(collection, ids, filter), timeout=self.timeout_s)
+
+    @_async_raises_tandem_errors
+    async def get(self, collection: str, ids: Sequence[str], with_vectors: bool = False) -> GetResult:
+        return _got(await self.collections.Get(pb.GetRequest(collection=collection, ids=list(ids),
+                                                       with_vectors=with_vectors), timeout=self.timeout_s),
+                    with_vectors)
+
+    @_async_raises_tandem_errors
+    async def search(self, collection: str, *queries: QueryLike, top_k: int = 10, filter: str = "", exact: bool = False,
+               with_metadata: bool = True) -> list[list[Hit]]:
+        """One list of hits (best first) per query."""
+        return _hits(await self.collections.Search(_search_request(collection, queries, top_k, filter, exact,
+                                                             with_metadata), timeout=self.timeout_s))
 
     async def close(self) -> None:
         await self.channel.close()

@@ -45,6 +45,11 @@ class ServerConfig:
     max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC request message")
     label_cache_size: int = _f(256, "zero-shot label sets whose embeddings are cached")
     verify_hashes: bool = _f(True, "check each ONNX file's sha256 against its manifest at load")
+    data_dir: str = _f("data", "folder that holds the collections (created if missing)")
+    max_top_k: int = _f(1000, "most hits one search query may ask for")
+    max_queries_per_search: int = _f(64, "most queries in one Search request")
+    max_query_terms: int = _f(16, "most weighted terms in one query")
+    max_metadata_bytes: int = _f(16384, "largest item metadata, as JSON bytes")
     log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def as_dict(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Stages (label `stage`): decode (bytes -> RGB, per image), preprocess (resize,
 crop, normalise, per image), tokenize (all texts of a request), queue (a
-request's wait in the batcher), inference (one ONNX Runtime run, per batch).
+request's wait in the batcher), inference (one ONNX Runtime run, per batch;
+for collections, label tower="search": one FAISS search per batch, model = the
+collection's name).
 """
 
 from __future__ import annotations
@@ -29,3 +31,4 @@ MODEL_INFO = Gauge(
     "tandem_model_info", "Loaded models (value 1) and where they run", ["model", "version", "kind", "provider"]
 )
 ZERO_SHOT_CACHE = Counter("tandem_zero_shot_cache_total", "Label-embedding cache lookups", ["result"])
+COLLECTION_ITEMS = Gauge("tandem_collection_items", "Items stored per collection", ["collection"])

@@ -15,7 +15,7 @@ from bundle.image import ImageInputError, preprocess
 
 from . import metrics, wire
 from .config import ServerConfig
-from .errors import ApiError, Code, failed_precondition, invalid, rpc
+from .errors import ApiError, failed_precondition, invalid, rpc
 from .registry import LoadedModel, Registry
 
 
@@ -101,25 +101,33 @@ class Inference(pb_grpc.InferenceServicer):
             )
         return await m.text.submit(ids), truncated
 
-    async def embed_images(self, m: LoadedModel, images: list[bytes], what: str = "images") -> np.ndarray:
+    async def preprocess_images(self, m: LoadedModel, images: list[bytes], labels: list[str]
+                                ) -> list[np.ndarray | ApiError]:
+        """Each image's input tensor, or the INVALID_ARGUMENT error naming it by its label (decoded in parallel)."""
         loop = asyncio.get_running_loop()
         spec, limit = m.bundle.manifest.image, self.config.max_image_pixels
         stage = {s: metrics.STAGE_SECONDS.labels(s, m.name, "image") for s in ("decode", "preprocess")}
 
-        def one(i: int, data: bytes) -> np.ndarray:
+        def one(i: int, data: bytes) -> np.ndarray | ApiError:
             seconds: dict[str, float] = {}
             try:
                 tensor = preprocess(data, spec, limit, seconds)
             except ImageInputError as e:
-                raise invalid(f"{what}[{i}] {e}") from None
+                return invalid(f"{labels[i]} {e}")
             for name, s in seconds.items():
                 stage[name].observe(s)
             return tensor
 
-        tensors = await asyncio.gather(
+        return list(await asyncio.gather(
             *(loop.run_in_executor(self.registry.preprocess_pool, one, i, d) for i, d in enumerate(images))
-        )
-        return await m.image.submit(np.stack(tensors))
+        ))
+
+    async def embed_images(self, m: LoadedModel, images: list[bytes], what: str = "images") -> np.ndarray:
+        tensors = await self.preprocess_images(m, images, [f"{what}[{i}]" for i in range(len(images))])
+        for t in tensors:
+            if isinstance(t, ApiError):
+                raise t
+        return await m.image.submit(np.stack(tensors))  # type: ignore[arg-type]
 
     # -- handlers --------------------------------------------------------------
     @rpc("EmbedText")
@@ -213,23 +221,3 @@ class Models(pb_grpc.ModelsServicer):
     @rpc("GetModel")
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info(self.registry.get(request.model, request.version))
-
-
-class Collections(pb_grpc.CollectionsServicer):
-    """Contract only, for now: every method answers UNIMPLEMENTED."""
-
-    async def _unimplemented(self, method: str) -> None:
-        raise ApiError(Code.UNIMPLEMENTED, f"Collections.{method} is not implemented in this release; "
-                       "collections and search arrive with the index")
-
-
-def _collections_stub(method: str):  # type: ignore[no-untyped-def]
-    @rpc(method)
-    async def handler(self: Collections, request: object, context: grpc.aio.ServicerContext) -> None:
-        await self._unimplemented(method)
-
-    return handler
-
-
-for _method in ("CreateCollection", "ListCollections", "DropCollection", "Upsert", "Delete", "Get", "Search"):
-    setattr(Collections, _method, _collections_stub(_method))

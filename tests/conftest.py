@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,8 @@ class RunningServer:
 
 
 def start_server(models: Path, **overrides: object) -> RunningServer:
+    """A server on a free port; collections in a fresh temporary folder unless data_dir is given."""
+    overrides.setdefault("data_dir", tempfile.mkdtemp(prefix="tandem-data-"))
     config = ServerConfig(models=str(models), port=0, metrics_port=0, **overrides)  # type: ignore[arg-type]
     return RunningServer(config)
 

@@ -1,5 +1,5 @@
 """The gRPC API over real localhost connections: embeddings, zero-shot, models,
-health, reflection, metrics and the not-yet-implemented Collections."""
+health, reflection, metrics, wire format and the client's errors."""
 
 from __future__ import annotations
 
@@ -130,14 +130,6 @@ def test_health_is_not_serving_until_models_are_loaded(tiny_repo) -> None:  # ty
     status, code = asyncio.run(main())
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert code == grpc.StatusCode.UNAVAILABLE
-
-
-def test_collections_answer_unimplemented(tiny_server) -> None:  # type: ignore[no-untyped-def]
-    stub = pb_grpc.CollectionsStub(tiny_server.channel())
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Search(pb.SearchRequest(collection="c", text="a"))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "not implemented" in info.value.details()
 
 
 def test_metrics_count_requests_stages_and_batches(tiny_server) -> None:  # type: ignore[no-untyped-def]

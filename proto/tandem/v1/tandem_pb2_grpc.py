@@ -312,7 +312,12 @@ class Models:
 
 class CollectionsStub:
     """----------------------------------------------------------- collections --
-    Not implemented yet: every method answers UNIMPLEMENTED.
+    A collection stores items (an id, a vector, metadata) and searches them.
+    It is bound to one model bundle (name, version, sha256): texts and images
+    in items and queries are embedded by that bundle, raw vectors must have its
+    dimension, and while the bundle is not loaded the collection's calls answer
+    FAILED_PRECONDITION naming it. Writes are durable when acknowledged. See
+    docs/api.md ("Collections") and docs/filters.md (the filter syntax).
 
     """
 
@@ -331,6 +336,11 @@ class CollectionsStub:
                 '/tandem.v1.Collections/ListCollections',
                 request_serializer=tandem_dot_v1_dot_tandem__pb2.ListCollectionsRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_tandem__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
+        self.GetCollection = channel.unary_unary(
+                '/tandem.v1.Collections/GetCollection',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.GetCollectionRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.CollectionInfo.FromString,
                 _registered_method=True)
         self.DropCollection = channel.unary_unary(
                 '/tandem.v1.Collections/DropCollection',
@@ -357,11 +367,21 @@ class CollectionsStub:
                 request_serializer=tandem_dot_v1_dot_tandem__pb2.SearchRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_tandem__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.Rebuild = channel.unary_unary(
+                '/tandem.v1.Collections/Rebuild',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.RebuildRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.CollectionInfo.FromString,
+                _registered_method=True)
 
 
 class CollectionsServicer:
     """----------------------------------------------------------- collections --
-    Not implemented yet: every method answers UNIMPLEMENTED.
+    A collection stores items (an id, a vector, metadata) and searches them.
+    It is bound to one model bundle (name, version, sha256): texts and images
+    in items and queries are embedded by that bundle, raw vectors must have its
+    dimension, and while the bundle is not loaded the collection's calls answer
+    FAILED_PRECONDITION naming it. Writes are durable when acknowledged. See
+    docs/api.md ("Collections") and docs/filters.md (the filter syntax).
 
     """
 
@@ -372,6 +392,12 @@ class CollectionsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCollections(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCollection(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -407,6 +433,13 @@ class CollectionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebuild(self, request, context):
+        """Retrain the approximate index on the stored vectors and drop deleted ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -419,6 +452,11 @@ def add_CollectionsServicer_to_server(servicer, server):
                     servicer.ListCollections,
                     request_deserializer=tandem_dot_v1_dot_tandem__pb2.ListCollectionsRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_tandem__pb2.ListCollectionsResponse.SerializeToString,
+            ),
+            'GetCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCollection,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.GetCollectionRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.CollectionInfo.SerializeToString,
             ),
             'DropCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.DropCollection,
@@ -445,6 +483,11 @@ def add_CollectionsServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_tandem__pb2.SearchRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_tandem__pb2.SearchResponse.SerializeToString,
             ),
+            'Rebuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebuild,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.RebuildRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.CollectionInfo.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Collections', rpc_method_handlers)
@@ -455,7 +498,12 @@ def add_CollectionsServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Collections:
     """----------------------------------------------------------- collections --
-    Not implemented yet: every method answers UNIMPLEMENTED.
+    A collection stores items (an id, a vector, metadata) and searches them.
+    It is bound to one model bundle (name, version, sha256): texts and images
+    in items and queries are embedded by that bundle, raw vectors must have its
+    dimension, and while the bundle is not loaded the collection's calls answer
+    FAILED_PRECONDITION naming it. Writes are durable when acknowledged. See
+    docs/api.md ("Collections") and docs/filters.md (the filter syntax).
 
     """
 
@@ -503,6 +551,33 @@ class Collections:
             '/tandem.v1.Collections/ListCollections',
             tandem_dot_v1_dot_tandem__pb2.ListCollectionsRequest.SerializeToString,
             tandem_dot_v1_dot_tandem__pb2.ListCollectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Collections/GetCollection',
+            tandem_dot_v1_dot_tandem__pb2.GetCollectionRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.CollectionInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -638,6 +713,33 @@ class Collections:
             '/tandem.v1.Collections/Search',
             tandem_dot_v1_dot_tandem__pb2.SearchRequest.SerializeToString,
             tandem_dot_v1_dot_tandem__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Collections/Rebuild',
+            tandem_dot_v1_dot_tandem__pb2.RebuildRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.CollectionInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,443 @@
+"""One collection: the durable store (index/store.py) plus the FAISS index derived from it.
+
+Index life:
+- The index is an ``IndexIDMap`` over a ``faiss.index_factory`` index; FAISS
+  ids are the store's rowids, never reused.
+- Writes reach the index in the store's writer thread, right after their
+  commit and before the writer is answered: an acknowledged write is durable
+  and searchable.
+- Deletes (and replaced items) become tombstones: an ``IDSelector`` keeps them
+  out of every search, because GPU indexes and some CPU ones cannot remove
+  ids. ``rebuild`` (in the background) builds a fresh index from the stored
+  items only, which drops them.
+- Specs that need training (IVF, PQ, ...) and the default "auto" spec answer
+  exactly from a Flat index until enough vectors exist; then the real index
+  is trained and filled in a background thread and swapped in.
+- Snapshots: the index is written to ``index-<seq>.faiss`` (temp file, fsync,
+  rename, fsync dir), then ``snapshot.json`` names it with its sequence number
+  and sha256, written the same way. Start-up loads the snapshot when its hash
+  is right and replays the store's writes after it; a missing or corrupt
+  snapshot is logged and the index is rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .store import Store, Written
+
+log = logging.getLogger("tandem.index")
+
+METRICS = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+AUTO = "auto"
+AUTO_MIN_VECTORS = 50_000  # below this, exact search is fast enough and needs no training
+EXACT_FILTER_MAX = 20_000  # a filter matching at most this many items is answered by scoring them exactly
+TARGET_RECALL = 0.95  # "auto" picks the smallest nprobe reaching this recall@10 on a sample of its vectors
+SNAPSHOT_EVERY_CHANGES = 20_000
+STORE_FILE, SNAPSHOT_FILE = "store.sqlite", "snapshot.json"
+
+
+class CollectionError(ValueError):
+    """A request the collection cannot take (bad spec, wrong dimension, ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    model: str
+    version: str
+    model_sha256: str
+    dim: int
+    metric: str
+    index_spec: str
+    created_at: str
+
+    @staticmethod
+    def new(name: str, model: str, version: str, model_sha256: str, dim: int, metric: str, index_spec: str) -> Spec:
+        return Spec(name, model, version, model_sha256, dim, metric or "cosine", index_spec.strip() or AUTO,
+                    dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+
+def check_spec(dim: int, index_spec: str, metric: str) -> None:
+    """Raise CollectionError unless FAISS can build `index_spec` for `dim` and `metric`."""
+    if metric not in METRICS:
+        raise CollectionError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    if index_spec == AUTO:
+        return
+    if "IDMap" in index_spec:
+        raise CollectionError(f"index_spec {index_spec!r}: leave out IDMap, ids are mapped by the collection")
+    try:
+        faiss.index_factory(dim, index_spec, METRICS[metric])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "not understood"
+        raise CollectionError(f"index_spec {index_spec!r} is not a FAISS index_factory string FAISS can build "
+                              f"for dim {dim} ({first}); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """temp file, fsync, rename, fsync the folder: the file is either old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _auto_nlist(n: int) -> int:
+    return int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(n)))))
+
+
+class Collection:
+    """Thread-safe: searches and index updates take `_lock`; the store serialises writes."""
+
+    def __init__(self, folder: Path, spec: Spec):
+        self.folder, self.spec = Path(folder), spec
+        self._lock = threading.RLock()
+        self._tombstones: set[int] = set()
+        self._selector: faiss.IDSelector | None = None
+        self._selector_keep: list[object] = []  # objects the selector points into
+        self.indexed_seq = 0
+        self.snapshot_seq = 0
+        self.kind = "Flat"
+        self.trained = True
+        self.nprobe = 0
+        self._changes_since_snapshot = 0
+        self._background: threading.Thread | None = None
+        self._closed = False
+        self.index = self._new_index("Flat")
+        self.store = Store(self.folder / STORE_FILE, spec.dim, on_commit=self._apply)
+
+    # -- creation and recovery -----------------------------------------------------
+    @classmethod
+    def create(cls, folder: Path, spec: Spec) -> Collection:
+        check_spec(spec.dim, spec.index_spec, spec.metric)
+        folder.mkdir(parents=True)
+        c = cls(folder, spec)
+        c.store.set_meta({"spec": json.dumps(asdict(spec)), "seq": "0"})
+        c._maybe_train_in_background()
+        return c
+
+    @classmethod
+    def open(cls, folder: Path) -> Collection:
+        store = Store(folder / STORE_FILE, 0)
+        meta = store.get_meta()
+        store.close()
+        if "spec" not in meta:
+            raise CollectionError(f"{folder}: no collection spec in {STORE_FILE}; the folder is not a collection")
+        c = cls(folder, Spec(**json.loads(meta["spec"])))
+        c._recover()
+        return c
+
+    def _recover(self) -> None:
+        started = time.perf_counter()
+        loaded = self._load_snapshot()
+        with self._lock:
+            for rowids, vectors in self.store.scan(after_seq=self.snapshot_seq if loaded else 0):
+                self._add(rowids, vectors)
+            # Every deletion the store remembers: snapshots keep deleted ids (tombstones) until a rebuild.
+            self._tombstones = set(self.store.deleted_after(0).tolist())
+            self._selector = None
+            self.indexed_seq = self.store.last_seq()
+        log.info("collection %s: %d items, %s index%s, recovered in %.2f s (snapshot at seq %d, store at seq %d)",
+                 self.spec.name, self.store.count(), self.kind, "" if self.trained else " (untrained: exact)",
+                 time.perf_counter() - started, self.snapshot_seq if loaded else 0, self.indexed_seq)
+        self._maybe_train_in_background()
+
+    def _load_snapshot(self) -> bool:
+        path = self.folder / SNAPSHOT_FILE
+        if not path.exists():
+            return False
+        try:
+            snap = json.loads(path.read_text())
+            data = (self.folder / snap["file"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != snap["sha256"]:
+                raise ValueError(f"{snap['file']} does not match the sha256 in {SNAPSHOT_FILE}")
+            index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+        except Exception as e:  # corrupt, truncated, missing file: the store still has everything
+            log.warning("collection %s: snapshot unusable (%s); rebuilding the index from the store",
+                        self.spec.name, e)
+            return False
+        with self._lock:
+            self.index, self.kind, self.trained = index, snap["kind"], snap["trained"]
+            self.nprobe = int(snap.get("nprobe", 0))
+            self._set_nprobe()
+            self.snapshot_seq = int(snap["seq"])
+        return True
+
+    # -- the index -------------------------------------------------------------------
+    def _new_index(self, factory: str) -> faiss.Index:
+        return faiss.IndexIDMap(faiss.index_factory(self.spec.dim, factory, METRICS[self.spec.metric]))
+
+    def _set_nprobe(self) -> None:
+        if self.nprobe:
+            faiss.extract_index_ivf(self.index).nprobe = self.nprobe
+
+    def _add(self, rowids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(rowids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), rowids.astype(np.int64))
+
+    def _apply(self, batch: list[Written]) -> None:
+        """Committed writes, in commit order (runs in the store's writer thread)."""
+        with self._lock:
+            for w in batch:
+                if w.added:
+                    self._add(np.array([r for r, _ in w.added], np.int64), np.stack([v for _, v in w.added]))
+                if w.removed:
+                    self._tombstones.update(w.removed)
+                    self._selector = None
+                self.indexed_seq = w.seq
+                self._changes_since_snapshot += len(w.added) + len(w.removed)
+        if self._changes_since_snapshot >= SNAPSHOT_EVERY_CHANGES:
+            self._maybe_snapshot_in_background()
+        self._maybe_train_in_background()
+
+    def _alive_selector(self) -> faiss.IDSelector | None:
+        if not self._tombstones:
+            return None
+        if self._selector is None:
+            ids = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
+            batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+            self._selector_keep = [ids, batch]
+            self._selector = faiss.IDSelectorNot(batch)
+        return self._selector
+
+    # -- search ------------------------------------------------------------------------
+    def prepare(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors as the index holds them: unit length for cosine, float32, contiguous."""
+        x = np.ascontiguousarray(vectors, np.float32)
+        if self.spec.metric == "cosine":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
+    def search(self, queries: np.ndarray, k: int, where: tuple[str, list] | None = None, exact: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(scores float32 [n, k], rowids int64 [n, k] with -1 for none, exact?). Higher scores are better."""
+        q = self.prepare(queries)
+        if where is not None:
+            rows = self.store.matching(*where, limit=None if exact else EXACT_FILTER_MAX)
+            if exact or len(rows) <= EXACT_FILTER_MAX:
+                return (*self._exact_over(q, k, rows), True)
+            with self._lock:
+                keep = self._tombstones
+                rows = np.setdiff1d(self.store.matching(*where), np.fromiter(keep, np.int64, len(keep)))
+                params = self._params(faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows)))
+                d, i = self.index.search(q, k, params=params)
+                return (*self._scores(d, i), not self._approximate)
+        with self._lock:
+            if exact and self._approximate:
+                pass  # fall through to the exact scan below, outside the lock
+            else:
+                sel = self._alive_selector()
+                d, i = self.index.search(q, k, params=self._params(sel) if sel is not None else None)
+                return (*self._scores(d, i), not self._approximate)
+        return (*self._exact_all(q, k), True)
+
+    @property
+    def _approximate(self) -> bool:
+        return self.kind != "Flat"
+
+    def _params(self, sel: faiss.IDSelector) -> faiss.SearchParameters:
+        if self.nprobe:
+            p = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        else:
+            p = faiss.SearchParameters(sel=sel)
+        p._keep = sel  # keep the selector alive as long as the parameters
+        return p
+
+    def _scores(self, d: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = d.astype(np.float32)
+        if self.spec.metric == "l2":
+            d = -d  # squared distance -> higher is better
+        d[i < 0] = -np.inf
+        return d, i
+
+    def _score_block(self, q: np.ndarray, v: np.ndarray) -> np.ndarray:
+        if self.spec.metric == "l2":
+            return -((q * q).sum(1)[:, None] - 2 * q @ v.T + (v * v).sum(1)[None, :])
+        return q @ v.T
+
+    def _exact_over(self, q: np.ndarray, k: int, rowids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score the given stored items exactly (a selective filter's matches)."""
+        vectors = self.store.vectors_of(rowids)
+        return _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
+
+    def _exact_all(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Score every stored item, a block at a time (exact: true on an approximate index)."""
+        best_s = np.full((len(q), k), -np.inf, np.float32)
+        best_i = np.full((len(q), k), -1, np.int64)
+        for rowids, vectors in self.store.scan():
+            s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
+            best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
+        return best_s, best_i
+
+    # -- training, rebuild, snapshots -------------------------------------------------
+    def _target_factory(self, n: int) -> str | None:
+        """The factory string the collection should train now, or None to stay as it is."""
+        spec = self.spec.index_spec
+        if spec == AUTO:
+            return f"IVF{_auto_nlist(n)},Flat" if n >= AUTO_MIN_VECTORS and self.kind == "Flat" else None
+        if self.kind == spec:
+            return None
+        probe = faiss.index_factory(self.spec.dim, spec, METRICS[self.spec.metric])
+        if probe.is_trained:
+            return spec  # needs no training (Flat, HNSW): build it at once
+        ivf = faiss.try_extract_index_ivf(probe)
+        needed = max(1000, 39 * ivf.nlist) if ivf is not None else 10_000
+        return spec if n >= needed else None
+
+    def _maybe_train_in_background(self) -> None:
+        if self._closed or (self._background is not None and self._background.is_alive()):
+            return
+        target = self._target_factory(self.store.count())
+        if target is not None:
+            self._start_background(lambda: self.rebuild(target), f"train-{self.spec.name}")
+
+    def _maybe_snapshot_in_background(self) -> None:
+        if not self._closed and (self._background is None or not self._background.is_alive()):
+            self._start_background(self.snapshot, f"snapshot-{self.spec.name}")
+
+    def _start_background(self, fn, name: str) -> None:  # type: ignore[no-untyped-def]
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("collection %s: background %s failed", self.spec.name, name)
+
+        self._background = threading.Thread(target=run, name=name, daemon=True)
+        self._background.start()
+
+    def rebuild(self, factory: str | None = None) -> None:
+        """Build a fresh index from the stored items (training it if needed), swap it in, snapshot it.
+
+        Writes go on meanwhile; those committed after the build started are
+        applied to the new index before the swap.
+        """
+        factory = factory or (self._target_factory(self.store.count()) or self.kind)
+        started = time.perf_counter()
+        with self._lock:
+            seq0 = self.indexed_seq  # the build reads items up to here; later writes are added below
+        index = self._new_index(factory)
+        nprobe = 0
+        if not index.is_trained:
+            sample = self._sample(max(100_000, 64 * (faiss.try_extract_index_ivf(index.index).nlist
+                                                      if faiss.try_extract_index_ivf(index.index) else 0)))
+            index.train(sample)
+        for rowids, vectors in self.store.scan(up_to_seq=seq0):
+            index.add_with_ids(vectors, rowids)
+        if self.spec.index_spec == AUTO and faiss.try_extract_index_ivf(index.index) is not None:
+            nprobe = self._tune_nprobe(index)
+        with self._lock:
+            # Writes applied while building; those committed but not applied yet reach the new index via _apply.
+            for rowids, vectors in self.store.scan(after_seq=seq0, up_to_seq=self.indexed_seq):
+                index.add_with_ids(vectors, rowids)
+            self.index, self.kind, self.trained, self.nprobe = index, factory, True, nprobe
+            self._set_nprobe()
+            self._tombstones = set(self.store.deleted_after(seq0).tolist()) & self._tombstones
+            self._selector = None
+        log.info("collection %s: built %s over %d items in %.1f s%s", self.spec.name, factory, index.ntotal,
+                 time.perf_counter() - started, f", nprobe {nprobe}" if nprobe else "")
+        self.snapshot()
+        self.store.prune_deletions(seq0)  # the durable index no longer holds what was deleted before seq0
+
+    def _sample(self, n: int) -> np.ndarray:
+        parts, have = [], 0
+        for _, vectors in self.store.scan():
+            parts.append(vectors)
+            have += len(vectors)
+            if have >= n:
+                break
+        return np.concatenate(parts)[:n]
+
+    def _tune_nprobe(self, index: faiss.Index) -> int:
+        """Smallest nprobe whose recall@10 against exact search on 200 stored vectors reaches TARGET_RECALL."""
+        sample = self.prepare(self._sample(20_000))
+        rng = np.random.default_rng(0)
+        queries = sample[rng.choice(len(sample), min(200, len(sample)), replace=False)]
+        _, truth = self._exact_all(queries, 10)
+        ivf = faiss.extract_index_ivf(index.index)
+        nprobe = 1
+        while nprobe < ivf.nlist:
+            ivf.nprobe = nprobe
+            _, got = index.search(queries, 10)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+            if recall >= TARGET_RECALL:
+                break
+            nprobe *= 2
+        return min(nprobe, ivf.nlist)
+
+    def snapshot(self) -> None:
+        """Write the index and the sequence number it includes, atomically (see the module docstring)."""
+        with self._lock:
+            seq, kind, trained, nprobe = self.indexed_seq, self.kind, self.trained, self.nprobe
+            data = faiss.serialize_index(self.index).tobytes()
+            self._changes_since_snapshot = 0
+        name = f"index-{seq}.faiss"
+        write_atomically(self.folder / name, data)
+        meta = {"seq": seq, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "kind": kind,
+                "trained": trained, "nprobe": nprobe}
+        write_atomically(self.folder / SNAPSHOT_FILE, json.dumps(meta).encode())
+        for old in self.folder.glob("index-*.faiss"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        self.snapshot_seq = seq
+
+    # -- describe, close ---------------------------------------------------------------
+    def describe(self) -> dict[str, object]:
+        with self._lock:
+            return {"count": self.store.count(), "index_kind": self.kind, "trained": self.trained,
+                    "exact": not self._approximate, "durable_seq": self.indexed_seq,
+                    "snapshot_seq": self.snapshot_seq, "deleted_pending": len(self._tombstones)}
+
+    def close(self, snapshot: bool = True) -> None:
+        self._closed = True
+        if self._background is not None:
+            self._background.join(timeout=600)
+        self.store.close()
+        if snapshot and self.indexed_seq != self.snapshot_seq:
+            self.snapshot()
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k per row of scores [n, m] with their ids [n, m], best first; -inf / -1 pad rows shorter than k."""
+    n, m = scores.shape
+    if m > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = np.concatenate([scores, np.full((n, pad), -np.inf, np.float32)], 1)
+        ids = np.concatenate([ids, np.full((n, pad), -1, np.int64)], 1)
+    return scores.astype(np.float32), ids.astype(np.int64)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_name(name: str) -> None:
+    if not _NAME.match(name or ""):
+        raise CollectionError(f"collection name {name!r} must be 1-64 characters of letters, digits, '_' and '-'")

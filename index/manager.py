@@ -1,0 +1,88 @@
+"""All collections of a server: one folder each under ``<data_dir>/collections/``.
+
+This is the small interface the gRPC layer talks to (create, get, list, drop,
+close). A second backend (a distributed engine such as Milvus, for
+collections larger than one machine) would implement the same methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from .collection import Collection, CollectionError, Spec, check_name
+
+log = logging.getLogger("tandem.index")
+
+
+class CollectionNotFound(KeyError):
+    pass
+
+
+class CollectionExists(ValueError):
+    pass
+
+
+class Collections:
+    def __init__(self, data_dir: Path):
+        self.root = Path(data_dir) / "collections"
+        self._by_name: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Open every collection on disk (recovering each index); leftovers of interrupted creates and drops go."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith("."):  # .creating-* / .dropped-*: never acknowledged, or already dropped
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            if folder.is_dir():
+                try:
+                    self._by_name[folder.name] = Collection.open(folder)
+                except Exception as e:
+                    raise RuntimeError(f"collection {folder.name} in {folder} could not be opened: {e}. Its data is in "
+                                       f"{folder / 'store.sqlite'}; move the folder away to start without it") from e
+
+    def create(self, spec: Spec) -> Collection:
+        check_name(spec.name)
+        with self._lock:
+            if spec.name in self._by_name:
+                raise CollectionExists(f"collection {spec.name!r} exists already; drop it first or pick another name")
+            tmp = self.root / f".creating-{spec.name}-{os.getpid()}-{time.monotonic_ns()}"
+            Collection.create(tmp, spec).close(snapshot=False)
+            final = self.root / spec.name
+            os.replace(tmp, final)  # the collection exists from here on, whole
+            c = Collection.open(final)
+            self._by_name[spec.name] = c
+            return c
+
+    def get(self, name: str) -> Collection:
+        c = self._by_name.get(name)
+        if c is None:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise CollectionNotFound(f"collection {name!r} does not exist (collections: {known})")
+        return c
+
+    def all(self) -> list[Collection]:
+        return [self._by_name[n] for n in sorted(self._by_name)]
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            c = self.get(name)
+            del self._by_name[name]
+        c.close(snapshot=False)
+        gone = self.root / f".dropped-{name}-{time.monotonic_ns()}"
+        os.replace(c.folder, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def close(self) -> None:
+        for c in self.all():
+            c.close()
+        self._by_name.clear()
+
+
+__all__ = ["Collections", "CollectionNotFound", "CollectionExists", "CollectionError", "Spec"]

@@ -1,0 +1,284 @@
+"""The durable store of one collection: SQLite in WAL mode with synchronous=FULL.
+
+SQLite is the log: a write is acknowledged only after its transaction has
+committed, and with ``synchronous=FULL`` a commit has reached the disk. The
+FAISS index is derived from these tables (index/collection.py).
+
+Tables:
+    items(rowid, id, seq, vector, metadata)   rowid = the FAISS id (AUTOINCREMENT: never reused)
+    deletions(rowid, seq)                      rowids removed at seq (replayed as tombstones)
+    meta(key, value)                           the collection's spec and the last sequence number
+
+Group commit: writers hand their batches to one writer thread, which takes
+every batch waiting, writes them in one transaction and commits once, so
+concurrent clients share an fsync while each acknowledgement still means
+"on disk". A batch either commits whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("tandem.index")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items(
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    seq INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_seq ON items(seq);
+CREATE TABLE IF NOT EXISTS deletions(rowid INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS deletions_seq ON deletions(seq);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreFull(OSError):
+    """The disk (or the database) is full: the write was not stored."""
+
+
+@dataclass
+class Put:
+    id: str
+    vector: np.ndarray  # float32 [dim]
+    metadata: str  # canonical JSON
+
+
+@dataclass
+class Written:
+    """What one committed write did: for the in-memory index to apply."""
+
+    seq: int
+    added: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (rowid, vector)
+    removed: list[int] = field(default_factory=list)  # rowids
+    not_found: int = 0
+
+
+@dataclass
+class _Job:
+    puts: Sequence[Put] = ()
+    delete_ids: Sequence[str] = ()
+    delete_where: tuple[str, list[Any]] | None = None
+    future: Future[Written] = field(default_factory=Future)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=10000")
+    return db
+
+
+class Store:
+    """One collection's SQLite file. Reads may come from any thread; writes go through the writer thread."""
+
+    def __init__(self, path: Path, dim: int, on_commit: Callable[[list[Written]], None] | None = None):
+        """`on_commit` runs in the writer thread after each commit and before any writer hears back,
+        in commit order: the in-memory index applies writes there, so an acknowledged write is searchable."""
+        self.path, self.dim, self.on_commit = Path(path), dim, on_commit
+        self._db = connect(self.path)
+        self._db.executescript(SCHEMA)
+        self._read_lock = threading.Lock()  # one read connection, shared
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name=f"store-{self.path.parent.name}", daemon=True)
+        self._writer_db = connect(self.path)
+        self._writer.start()
+        self.commits = 0  # transactions committed (each is one fsync): for metrics and tests
+
+    # -- meta ------------------------------------------------------------------
+    def get_meta(self) -> dict[str, str]:
+        with self._read_lock:
+            return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self._read_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
+            self._db.execute("COMMIT")
+
+    def last_seq(self) -> int:
+        return int(self.get_meta().get("seq", "0"))
+
+    # -- writes (group commit) -------------------------------------------------
+    def write(self, puts: Sequence[Put] = (), delete_ids: Sequence[str] = (),
+              delete_where: tuple[str, list[Any]] | None = None) -> Future[Written]:
+        """Queue one write; the future resolves once it is committed (durable), or fails whole."""
+        job = _Job(puts, delete_ids, delete_where)
+        self._jobs.put(job)
+        return job.future
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            jobs = [job]
+            while True:  # everything that queued up while the last commit was on disk
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._jobs.put(None)
+                    break
+                jobs.append(nxt)
+            self._commit(jobs)
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        db = self._writer_db
+        results: list[Written] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            seq = int((db.execute("SELECT value FROM meta WHERE key='seq'").fetchone() or ["0"])[0])
+            for job in jobs:
+                seq += 1
+                results.append(self._apply(db, job, seq))
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('seq', ?)", (str(seq),))
+            db.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            error: Exception = e
+            if isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower():
+                error = StoreFull(f"the disk holding {self.path} is full ({e}); nothing of this write was stored")
+            for job in jobs:
+                job.future.set_exception(error)
+            return
+        if self.on_commit is not None:
+            try:
+                self.on_commit(results)
+            except Exception as e:  # the data is safe on disk; the index is rebuilt from it at the next start
+                log.exception("applying committed writes to the index failed")
+                for job in jobs:
+                    job.future.set_exception(e)
+                return
+        for job, written in zip(jobs, results):
+            job.future.set_result(written)
+
+    def _apply(self, db: sqlite3.Connection, job: _Job, seq: int) -> Written:
+        out = Written(seq)
+        doomed: list[int] = []
+        if job.delete_where is not None:
+            where, params = job.delete_where
+            doomed += [r for (r,) in db.execute(f"SELECT rowid FROM items WHERE {where}", params)]
+        for item_id in job.delete_ids:
+            row = db.execute("SELECT rowid FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                out.not_found += 1
+            else:
+                doomed.append(row[0])
+        for put in job.puts:  # an upsert of a stored id replaces it: old rowid out, new rowid in
+            row = db.execute("SELECT rowid FROM items WHERE id = ?", (put.id,)).fetchone()
+            if row is not None:
+                doomed.append(row[0])
+        doomed = sorted(set(doomed))
+        if doomed:
+            db.executemany("DELETE FROM items WHERE rowid = ?", [(r,) for r in doomed])
+            db.executemany("INSERT OR REPLACE INTO deletions(rowid, seq) VALUES (?, ?)", [(r, seq) for r in doomed])
+        out.removed = doomed
+        for put in job.puts:
+            vec = np.ascontiguousarray(put.vector, np.float32)
+            cur = db.execute("INSERT INTO items(id, seq, vector, metadata) VALUES (?, ?, ?, ?)",
+                             (put.id, seq, vec.tobytes(), put.metadata))
+            out.added.append((int(cur.lastrowid), vec))  # type: ignore[arg-type]
+        return out
+
+    # -- reads -----------------------------------------------------------------
+    def _vector(self, blob: bytes) -> np.ndarray:
+        return np.frombuffer(blob, np.float32)
+
+    def count(self) -> int:
+        with self._read_lock:
+            return int(self._db.execute("SELECT count(*) FROM items").fetchone()[0])
+
+    def get(self, ids: Sequence[str]) -> dict[str, tuple[int, np.ndarray, str]]:
+        """{id: (rowid, vector, metadata JSON)} for the ids stored."""
+        out: dict[str, tuple[int, np.ndarray, str]] = {}
+        with self._read_lock:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                for item_id, rowid, blob, meta in self._db.execute(
+                        f"SELECT id, rowid, vector, metadata FROM items WHERE id IN ({marks})", chunk):
+                    out[item_id] = (rowid, self._vector(blob), meta)
+        return out
+
+    def by_rowids(self, rowids: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """{rowid: (id, metadata JSON)} for the rowids still stored."""
+        out: dict[int, tuple[str, str]] = {}
+        with self._read_lock:
+            for start in range(0, len(rowids), 500):
+                chunk = [int(r) for r in rowids[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                for rowid, item_id, meta in self._db.execute(
+                        f"SELECT rowid, id, metadata FROM items WHERE rowid IN ({marks})", chunk):
+                    out[rowid] = (item_id, meta)
+        return out
+
+    def matching(self, where: str, params: list[Any], limit: int | None = None) -> np.ndarray:
+        """int64 rowids of the items a filter (SQL over `metadata`) matches, at most `limit` (+1 to tell more)."""
+        sql = f"SELECT rowid FROM items WHERE {where}" + (f" LIMIT {int(limit) + 1}" if limit is not None else "")
+        with self._read_lock:
+            return np.fromiter((r for (r,) in self._db.execute(sql, params)), np.int64)
+
+    def vectors_of(self, rowids: np.ndarray) -> np.ndarray:
+        """float32 [len(rowids), dim] in the order given (rowids must be stored)."""
+        got = self.rows_by_rowid(rowids)
+        return np.stack([got[int(r)] for r in rowids]) if len(rowids) else np.zeros((0, self.dim), np.float32)
+
+    def rows_by_rowid(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        with self._read_lock:
+            for start in range(0, len(rowids), 500):
+                chunk = [int(r) for r in rowids[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                for rowid, blob in self._db.execute(f"SELECT rowid, vector FROM items WHERE rowid IN ({marks})", chunk):
+                    out[rowid] = self._vector(blob)
+        return out
+
+    def scan(self, after_seq: int = 0, up_to_seq: int | None = None, batch: int = 10_000
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rowids int64 [b], vectors float32 [b, dim]) of the stored items written in (after_seq, up_to_seq]."""
+        last, top = 0, up_to_seq if up_to_seq is not None else 2**62
+        while True:
+            with self._read_lock:
+                rows = self._db.execute(
+                    "SELECT rowid, vector FROM items WHERE seq > ? AND seq <= ? AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (after_seq, top, last, batch)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield (np.array([r for r, _ in rows], np.int64),
+                   np.frombuffer(b"".join(v for _, v in rows), np.float32).reshape(len(rows), self.dim))
+
+    def deleted_after(self, seq: int) -> np.ndarray:
+        with self._read_lock:
+            return np.fromiter((r for (r,) in self._db.execute("SELECT rowid FROM deletions WHERE seq > ?", (seq,))),
+                               np.int64)
+
+    def prune_deletions(self, up_to_seq: int) -> None:
+        """Forget deletions that a durable snapshot no longer needs."""
+        with self._read_lock:
+            self._db.execute("DELETE FROM deletions WHERE seq <= ?", (up_to_seq,))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._writer.join(timeout=30)
+        self._writer_db.close()
+        self._db.close()
+

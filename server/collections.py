@@ -1,0 +1,381 @@
+"""gRPC handlers for tandem.v1.Collections: validate, embed with the bound model, store durably, search.
+
+Texts and images (in items and queries) go through the same inference
+batchers as the Inference service. Unfiltered searches from many clients are
+batched into one FAISS call per (collection, k) with the same Batcher.
+Filtered and exact searches run on their own (their candidate sets differ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+from index.collection import Collection, CollectionError, Spec
+from index.filters import FilterError, compile_filter
+from index.manager import CollectionExists, CollectionNotFound, Collections
+from index.metadata import MetadataError, canonical_json
+from index.metadata import loads as metadata_loads
+from index.store import Put, StoreFull
+
+from . import metrics, wire
+from .batcher import Batcher
+from .config import ServerConfig
+from .errors import ApiError, Code, failed_precondition, invalid, not_found, rpc
+from .registry import LoadedModel, Registry
+from .service import Inference
+
+MAX_ID_CHARS = 256
+HIT = np.dtype([("score", np.float32), ("rowid", np.int64)])
+
+
+def _ref(m: LoadedModel) -> pb.ModelRef:
+    return pb.ModelRef(name=m.name, version=m.version)
+
+
+def _struct(metadata_json: str) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(metadata_loads(metadata_json))
+    return s
+
+
+class CollectionsService(pb_grpc.CollectionsServicer):
+    def __init__(self, registry: Registry, collections: Collections, config: ServerConfig, inference: Inference):
+        self.registry, self.collections, self.config, self.inference = registry, collections, config, inference
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="index")
+        self._batchers: dict[tuple[str, int], Batcher] = {}
+
+    # -- lookups ---------------------------------------------------------------------
+    def _collection(self, name: str) -> Collection:
+        try:
+            return self.collections.get(name)
+        except CollectionNotFound as e:
+            raise not_found(str(e.args[0])) from None
+
+    def _bound_model(self, c: Collection) -> LoadedModel:
+        """The loaded bundle the collection is bound to, or FAILED_PRECONDITION naming it."""
+        s = c.spec
+        m = self.registry.models.get(s.model, {}).get(s.version)
+        if m is None:
+            raise failed_precondition(
+                f"collection {s.name!r} is bound to model {s.model}/{s.version} (image.onnx sha256 "
+                f"{s.model_sha256[:12]}), which this server has not loaded; add that bundle to the model "
+                "repository and restart. Its vectors cannot be mixed with another model's")
+        if m.bundle.manifest.image.sha256 != s.model_sha256:
+            raise failed_precondition(
+                f"collection {s.name!r} was built with {s.model}/{s.version} whose image.onnx has sha256 "
+                f"{s.model_sha256[:12]}, but the loaded {s.model}/{s.version} has {m.bundle.manifest.image.sha256[:12]}:"
+                " a different model under the same name. Restore the original bundle, or create a new collection")
+        return m
+
+    def info(self, c: Collection) -> pb.CollectionInfo:
+        s, d = c.spec, c.describe()
+        loaded = self.registry.models.get(s.model, {}).get(s.version)
+        return pb.CollectionInfo(
+            name=s.name, model=pb.ModelRef(name=s.model, version=s.version), dim=s.dim, index_spec=s.index_spec,
+            metric=s.metric, count=d["count"], device="cpu", model_sha256=s.model_sha256,
+            model_loaded=loaded is not None and loaded.bundle.manifest.image.sha256 == s.model_sha256,
+            index_kind=d["index_kind"], trained=d["trained"], exact=d["exact"], durable_seq=d["durable_seq"],
+            snapshot_seq=d["snapshot_seq"], deleted_pending=d["deleted_pending"], created_at=s.created_at)
+
+    async def _off_loop(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------------
+    @rpc("CreateCollection")
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.CollectionInfo:
+        m = self.registry.get(request.model, request.version)
+        spec = Spec.new(request.name, m.name, m.version, m.bundle.manifest.image.sha256, m.bundle.manifest.dim,
+                        request.metric, request.index_spec)
+        try:
+            c = await self._off_loop(self.collections.create, spec)
+        except CollectionExists as e:
+            raise ApiError(Code.ALREADY_EXISTS, str(e)) from None
+        except CollectionError as e:
+            raise invalid(str(e)) from None
+        metrics.COLLECTION_ITEMS.labels(c.spec.name).set(0)
+        return self.info(c)
+
+    @rpc("ListCollections")
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.ListCollectionsResponse:
+        return pb.ListCollectionsResponse(collections=[self.info(c) for c in self.collections.all()])
+
+    @rpc("GetCollection")
+    async def GetCollection(self, request: pb.GetCollectionRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.CollectionInfo:
+        return self.info(self._collection(request.name))
+
+    @rpc("DropCollection")
+    async def DropCollection(self, request: pb.DropCollectionRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.DropCollectionResponse:
+        self._collection(request.name)
+        for key in [k for k in self._batchers if k[0] == request.name]:
+            await self._batchers.pop(key).stop()
+        await self._off_loop(self.collections.drop, request.name)
+        metrics.COLLECTION_ITEMS.remove(request.name)
+        return pb.DropCollectionResponse()
+
+    @rpc("Rebuild")
+    async def Rebuild(self, request: pb.RebuildRequest, context: grpc.aio.ServicerContext) -> pb.CollectionInfo:
+        c = self._collection(request.name)
+        self._bound_model(c)
+        await self._off_loop(c.rebuild)
+        return self.info(c)
+
+    # -- vectors from items and query terms -------------------------------------------
+    def _vector(self, m: pb.Matrix, dim: int, what: str) -> np.ndarray | ApiError:
+        try:
+            x = wire.decode(m, what)
+        except wire.MatrixError as e:
+            return invalid(str(e))
+        if x.shape != (1, dim):
+            return invalid(f"{what} is {x.shape[0]} x {x.shape[1]}; this collection takes one row of dim {dim}")
+        if not np.isfinite(x).all():
+            return invalid(f"{what} has NaN or infinite values")
+        return x[0].astype(np.float32)
+
+    async def _embed(self, m: LoadedModel, texts: dict[int, str], images: dict[int, bytes], labels: dict[int, str]
+                     ) -> dict[int, np.ndarray | ApiError]:
+        """Embed texts and images keyed by position; a bad one becomes its own error naming labels[key],
+        the rest still embed."""
+        out: dict[int, np.ndarray | ApiError] = {}
+        good_texts = {}
+        for i, t in texts.items():
+            if not t.strip():
+                out[i] = invalid(f"{labels[i]}.text is empty; send non-blank text")
+            elif len(t) > self.config.max_text_chars:
+                out[i] = invalid(f"{labels[i]}.text has {len(t)} characters, more than max_text_chars="
+                                 f"{self.config.max_text_chars}")
+            else:
+                good_texts[i] = t
+        if good_texts:
+            emb, _ = await self.inference.embed_texts(m, list(good_texts.values()))
+            out.update(zip(good_texts, emb))
+        if images:
+            keys = list(images)
+            tensors = await self.inference.preprocess_images(m, [images[k] for k in keys],
+                                                             [f"{labels[k]}.image" for k in keys])
+            ok = [(k, t) for k, t in zip(keys, tensors) if not isinstance(t, ApiError)]
+            for k, t in zip(keys, tensors):
+                if isinstance(t, ApiError):
+                    out[k] = t
+            if ok:
+                emb = await m.image.submit(np.stack([t for _, t in ok]))
+                out.update(zip([k for k, _ in ok], emb))
+        return out
+
+    # -- items -----------------------------------------------------------------------
+    @rpc("Upsert")
+    async def Upsert(self, request: pb.UpsertRequest, context: grpc.aio.ServicerContext) -> pb.UpsertResponse:
+        c = self._collection(request.collection)
+        m = self._bound_model(c)
+        items = list(request.items)
+        self.inference._check_count(len(items), "items")
+        errors: dict[int, ApiError] = {}
+        last: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if not item.id or len(item.id) > MAX_ID_CHARS:
+                errors[i] = invalid(f"items[{i}].id is {'empty' if not item.id else f'{len(item.id)} characters'}; "
+                                    f"ids are 1 to {MAX_ID_CHARS} characters")
+            elif item.id in last:
+                errors[last[item.id]] = invalid(f"items[{last[item.id]}] id {item.id!r} appears again at items[{i}]; "
+                                                "the last one is stored")
+            if item.id and i not in errors:
+                last[item.id] = i
+        metadata: dict[int, str] = {}
+        for i, item in enumerate(items):
+            if i in errors:
+                continue
+            try:
+                metadata[i] = canonical_json(json_format.MessageToDict(item.metadata), self.config.max_metadata_bytes)
+            except MetadataError as e:
+                errors[i] = invalid(f"items[{i}] {e}")
+        vectors: dict[int, np.ndarray | ApiError] = {}
+        texts, images = {}, {}
+        for i, item in enumerate(items):
+            if i in errors:
+                continue
+            kind = item.WhichOneof("content")
+            if kind == "vector":
+                vectors[i] = self._vector(item.vector, c.spec.dim, f"items[{i}].vector")
+            elif kind == "text":
+                texts[i] = item.text
+            elif kind == "image":
+                images[i] = item.image
+            else:
+                errors[i] = invalid(f"items[{i}] has no content; set one of text, image or vector")
+        vectors.update(await self._embed(m, texts, images, {i: f"items[{i}]" for i in range(len(items))}))
+        puts, stored = [], []
+        for i, v in sorted(vectors.items()):
+            if isinstance(v, ApiError):
+                errors[i] = v
+            else:
+                puts.append(Put(items[i].id, c.prepare(v[None])[0], metadata[i]))
+                stored.append(i)
+        seq = 0
+        if puts:
+            seq = (await self._write(c, puts=puts)).seq
+        metrics.COLLECTION_ITEMS.labels(c.spec.name).set(c.store.count())
+        results = [pb.ItemResult(id=item.id, code=errors[i].code.value[0] if i in errors else 0,
+                                 message=errors[i].message if i in errors else "")
+                   for i, item in enumerate(items)]
+        return pb.UpsertResponse(results=results, upserted=len(stored), seq=seq)
+
+    async def _write(self, c: Collection, **kw):  # type: ignore[no-untyped-def]
+        try:
+            return await asyncio.wrap_future(c.store.write(**kw))
+        except StoreFull as e:
+            raise ApiError(Code.RESOURCE_EXHAUSTED, str(e)) from None
+
+    def _where(self, text: str) -> tuple[str, list] | None:
+        if not text.strip():
+            return None
+        try:
+            return compile_filter(text)
+        except FilterError as e:
+            raise invalid(str(e)) from None
+
+    @rpc("Delete")
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        c = self._collection(request.collection)
+        ids = list(request.ids)
+        where = self._where(request.filter)
+        if ids and where is not None:
+            raise invalid("give ids or a filter, not both")
+        if not ids and where is None:
+            raise invalid("give the ids to delete, or a filter matching the items to delete")
+        w = await self._write(c, delete_ids=ids, delete_where=where)
+        metrics.COLLECTION_ITEMS.labels(c.spec.name).set(c.store.count())
+        return pb.DeleteResponse(deleted=len(w.removed), not_found=w.not_found, seq=w.seq)
+
+    @rpc("Get")
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.GetResponse:
+        c = self._collection(request.collection)
+        ids = list(request.ids)
+        self.inference._check_count(len(ids), "ids")
+        found = await self._off_loop(c.store.get, ids)
+        present = [i for i in dict.fromkeys(ids) if i in found]
+        r = pb.GetResponse(items=[pb.StoredItem(id=i, metadata=_struct(found[i][2])) for i in present],
+                           missing=[i for i in dict.fromkeys(ids) if i not in found])
+        if request.with_vectors:
+            rows = np.stack([found[i][1] for i in present]) if present else np.zeros((0, c.spec.dim), np.float32)
+            try:
+                r.vectors.CopyFrom(wire.encode(rows, request.dtype))
+            except wire.MatrixError as e:
+                raise invalid(str(e)) from None
+        return r
+
+    # -- search ------------------------------------------------------------------------
+    async def _query_vectors(self, c: Collection, m: LoadedModel, queries: Sequence[pb.Query]) -> np.ndarray:
+        texts: dict[int, str] = {}
+        images: dict[int, bytes] = {}
+        plain: dict[int, np.ndarray] = {}
+        ids: dict[int, str] = {}
+        flat: list[tuple[int, float]] = []  # (query index, weight) per term, in order
+        labels: dict[int, str] = {}
+        for qi, q in enumerate(queries):
+            if not q.terms:
+                raise invalid(f"queries[{qi}] has no terms; give at least one text, image, vector or id")
+            if len(q.terms) > self.config.max_query_terms:
+                raise invalid(f"queries[{qi}] has {len(q.terms)} terms, more than max_query_terms="
+                              f"{self.config.max_query_terms}")
+            for ti, t in enumerate(q.terms):
+                key, what = len(flat), f"queries[{qi}].terms[{ti}]"
+                labels[key] = what
+                if not math.isfinite(t.weight):
+                    raise invalid(f"{what}.weight is not a finite number")
+                flat.append((qi, t.weight or 1.0))
+                kind = t.WhichOneof("what")
+                if kind == "text":
+                    texts[key] = t.text
+                elif kind == "image":
+                    images[key] = t.image
+                elif kind == "vector":
+                    v = self._vector(t.vector, c.spec.dim, f"{what}.vector")
+                    if isinstance(v, ApiError):
+                        raise v
+                    plain[key] = v
+                elif kind == "id":
+                    ids[key] = t.id
+                else:
+                    raise invalid(f"{what} is empty; set one of text, image, vector or id")
+        embedded = await self._embed(m, texts, images, labels)
+        for key, v in embedded.items():
+            if isinstance(v, ApiError):
+                raise v
+            plain[key] = v
+        if ids:
+            stored = await self._off_loop(c.store.get, list(ids.values()))
+            for key, item_id in ids.items():
+                if item_id not in stored:
+                    raise not_found(f"{labels[key]}.id {item_id!r} is not stored in collection {c.spec.name!r}")
+                plain[key] = stored[item_id][1]
+        out = np.zeros((len(queries), c.spec.dim), np.float32)
+        for key, (qi, weight) in enumerate(flat):
+            out[qi] += weight * c.prepare(plain[key][None])[0]
+        return out
+
+    def _batcher(self, c: Collection, k: int) -> Batcher:
+        key = (c.spec.name, k)
+        b = self._batchers.get(key)
+        if b is None:
+            def run(q: np.ndarray) -> np.ndarray:
+                scores, rowids, _ = c.search(q, k)
+                out = np.empty(scores.shape, HIT)
+                out["score"], out["rowid"] = scores, rowids
+                return out
+
+            cfg = self.config
+            b = Batcher(run, self.pool, cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_rows,
+                        labels=(c.spec.name, "search"))
+            self._batchers[key] = b
+        return b
+
+    @rpc("Search")
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        c = self._collection(request.collection)
+        m = self._bound_model(c)
+        queries = list(request.queries)
+        if not queries:
+            raise invalid("queries is empty; send at least one query")
+        if len(queries) > self.config.max_queries_per_search:
+            raise invalid(f"queries has {len(queries)} entries, more than max_queries_per_search="
+                          f"{self.config.max_queries_per_search}")
+        k = request.top_k or 10
+        if k > self.config.max_top_k:
+            raise invalid(f"top_k {k} is over the limit of {self.config.max_top_k} (server option max_top_k)")
+        where = self._where(request.filter)
+        q = await self._query_vectors(c, m, queries)
+        if where is None and not request.exact:
+            hits = await self._batcher(c, k).submit(q)
+            scores, rowids, exact = hits["score"], hits["rowid"], c.describe()["exact"]
+        else:
+            scores, rowids, exact = await self._off_loop(c.search, q, k, where, request.exact)
+        found = await self._off_loop(c.store.by_rowids, [int(r) for r in np.unique(rowids) if r >= 0])
+        results = []
+        for row_s, row_i in zip(scores, rowids):
+            hits_pb = []
+            for s, r in zip(row_s, row_i):
+                if r < 0 or int(r) not in found:
+                    continue  # padding, or deleted since the search
+                item_id, meta = found[int(r)]
+                hit = pb.Hit(id=item_id, score=float(s))
+                if not request.without_metadata:
+                    hit.metadata.CopyFrom(_struct(meta))
+                hits_pb.append(hit)
+            results.append(pb.QueryResult(hits=hits_pb))
+        return pb.SearchResponse(model=_ref(m), results=results, exact=bool(exact))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(b.stop() for b in self._batchers.values()))
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,262 @@
+"""Collections over real gRPC: lifecycle, items, search (text, image, vector, id, weighted, filtered,
+exact), the bound model, durability across restarts, and every kind of bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+from server.client import (
+    AlreadyExists,
+    ById,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TandemClient,
+)
+from tests.conftest import SHIPPED_MODELS, png_bytes, start_server
+from training.data import procedural
+
+C = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def shapes_server(tmp_path_factory):  # type: ignore[no-untyped-def]
+    server = start_server(SHIPPED_MODELS, data_dir=str(tmp_path_factory.mktemp("data")), max_items_per_request=64)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def shapes(shapes_server):  # type: ignore[no-untyped-def]
+    """A collection of 448 procedural test images with their labels as metadata."""
+    data = list(procedural.ShapesDataset("test", 448, seed=11))
+    with TandemClient(shapes_server.target, timeout_s=120) as c:
+        c.create_collection("shapes")
+        for start in range(0, len(data), 64):
+            chunk = data[start : start + 64]
+            r = c.upsert("shapes", [{"id": f"img-{start + i}", "image": png_bytes(img),
+                                     "metadata": {"label": spec.label, "size": spec.size, "colour": spec.colour,
+                                                  "shape": spec.shape, "n": start + i}}
+                                    for i, (img, spec) in enumerate(chunk)])
+            assert r.upserted == len(chunk) and all(x.code == 0 for x in r.results)
+    return {f"img-{i}": spec for i, (_, spec) in enumerate(data)}
+
+
+def test_text_finds_images(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    """Cross-modal: "large red circle" finds the large red circles, for every seen class with 3+ images."""
+    from collections import Counter
+
+    counts = Counter(spec.label for spec in shapes.values() if not procedural.is_held_out(spec.label))
+    labels = [label for label, n in counts.items() if n >= 3]
+    assert "large red circle" in labels and len(labels) >= 10
+    with TandemClient(shapes_server.target) as c:
+        results = c.search("shapes", *labels, top_k=3)
+    right = sum(all(shapes[h.id].label == label for h in hits) for label, hits in zip(labels, results))
+    assert right >= 0.9 * len(labels), f"{right} of {len(labels)} labels found only their own images"
+    red = results[labels.index("large red circle")]
+    assert [h.metadata["label"] for h in red] == ["large red circle"] * 3 and red[0].score >= red[-1].score
+
+
+def test_image_finds_texts(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    labels = procedural.class_labels()
+    img, spec = next(iter(procedural.ShapesDataset("test", 1, seed=5)))
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection("captions")
+        c.upsert("captions", [{"id": label, "text": f"a photo of a {label}."} for label in labels])
+        hits = c.search("captions", png_bytes(img), top_k=1)[0]
+        c.drop_collection("captions")
+    assert hits[0].id == spec.label
+
+
+def test_filter_keeps_the_unfiltered_order_of_the_matches(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    selective = 'colour = "blue" and size = "small"'
+    with TandemClient(shapes_server.target) as c:
+        filtered = c.search("shapes", "a small blue square", top_k=5, filter=selective)[0]
+        everything = c.search("shapes", "a small blue square", top_k=448)[0]
+    expected = [h.id for h in everything if shapes[h.id].colour == "blue" and shapes[h.id].size == "small"][:5]
+    assert expected and [h.id for h in filtered] == expected
+
+
+def test_a_selective_filter_is_answered_exactly(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    stub = pb_grpc.CollectionsStub(shapes_server.channel())
+    r = stub.Search(pb.SearchRequest(collection="shapes", queries=[pb.Query(terms=[pb.QueryTerm(text="x")])],
+                                     filter='shape = "square"'))
+    assert r.exact and all(h.metadata["shape"] == "square" for h in r.results[0].hits)
+
+
+def test_vector_id_and_weighted_queries(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(shapes_server.target) as c:
+        stored = c.get("shapes", ["img-3", "nope"], with_vectors=True)
+        assert list(stored.items) == ["img-3"] and stored.missing == ["nope"]
+        assert stored.vectors.shape == (1, 64)
+        by_vector, by_id = c.search("shapes", stored.vectors[0], ById("img-3"), top_k=1)
+        text = c.embed_text(["a large red circle", "blue"]).embeddings
+        weighted = c.search("shapes", [(1.0, "a large red circle"), (-0.5, "blue")], top_k=4)[0]
+        manual = c.search("shapes", text[0] - 0.5 * text[1], top_k=4)[0]
+    assert by_vector[0].id == by_id[0].id == "img-3" and by_vector[0].score == pytest.approx(1.0, abs=1e-5)
+    assert [h.id for h in weighted] == [h.id for h in manual]
+
+
+def test_upsert_replaces_and_delete_removes(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((3, 64)).astype(np.float32)
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection("vectors", metric="ip")
+        c.upsert("vectors", [{"id": f"v{i}", "vector": v[i], "metadata": {"i": i}} for i in range(3)])
+        c.upsert("vectors", [{"id": "v0", "vector": v[1], "metadata": {"i": 10}}])  # replace v0
+        assert c.get("vectors", ["v0"]).items["v0"] == {"i": 10}
+        assert sorted(h.id for h in c.search("vectors", v[1], top_k=3)[0][:2]) == ["v0", "v1"]
+        r = c.delete("vectors", ["v1", "missing"])
+        assert (r.deleted, r.not_found) == (1, 1)
+        assert c.delete("vectors", filter="i = 10").deleted == 1
+        hits = c.search("vectors", v[1], top_k=3)[0]
+        info = c.get_collection("vectors")
+        c.drop_collection("vectors")
+    assert [h.id for h in hits] == ["v2"] and info.count == 1
+
+
+def test_lifecycle_and_describe(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(shapes_server.target) as c:
+        info = c.get_collection("shapes")
+        assert (info.count, info.dim, info.metric, info.index_spec, info.device) == (448, 64, "cosine", "auto", "cpu")
+        assert info.model.name == "tandem-shapes" and info.model_loaded and info.exact and info.durable_seq >= 3
+        assert "shapes" in [x.name for x in c.list_collections()]
+        with pytest.raises(AlreadyExists):
+            c.create_collection("shapes")
+        with pytest.raises(InvalidArgument, match="index_factory"):
+            c.create_collection("bad", index_spec="IVF-nonsense")
+        with pytest.raises(InvalidArgument, match="metric 'hamming'"):
+            c.create_collection("bad", metric="hamming")
+        with pytest.raises(InvalidArgument, match="1-64 characters"):
+            c.create_collection("no/slashes")
+        with pytest.raises(NotFound, match="collection 'nope' does not exist"):
+            c.search("nope", "x")
+        with pytest.raises(NotFound):
+            c.drop_collection("nope")
+        assert c.search("shapes", "x", filter='label = "purple blob"')[0] == []
+
+
+def test_empty_collection_answers_an_empty_result(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection("empty")
+        assert c.search("empty", "anything", "else") == [[], []]
+        c.drop_collection("empty")
+
+
+def test_bad_items_get_their_own_status_and_good_ones_are_stored(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    ok = np.ones(64, np.float32)
+    items = [
+        {"id": "good-1", "vector": ok},
+        {"id": "", "vector": ok},
+        {"id": "x" * 257, "vector": ok},
+        {"id": "short", "vector": np.ones(3, np.float32)},
+        {"id": "nan", "vector": np.full(64, np.nan, np.float32)},
+        {"id": "dup", "vector": ok, "metadata": {"v": 1}},
+        {"id": "dup", "vector": ok, "metadata": {"v": 2}},
+        {"id": "nested", "vector": ok, "metadata": {"a": {"b": 1}}},
+        {"id": "big", "vector": ok, "metadata": {"s": "x" * 20000}},
+        {"id": "img", "image": b"not an image"},
+        {"id": "blank", "text": "   "},
+        {"id": "good-2", "text": "a red circle"},
+    ]
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection("mixed")
+        r = c.upsert("mixed", items)
+        got = c.get("mixed", [i["id"] for i in items if i["id"]])
+        c.drop_collection("mixed")
+    codes = [x.code for x in r.results]
+    assert codes == [0, 3, 3, 3, 3, 3, 0, 3, 3, 3, 3, 0]
+    msgs = [x.message for x in r.results]
+    assert "items[1].id is empty" in msgs[1] and "257 characters" in msgs[2]
+    assert "1 x 3" in msgs[3] and "dim 64" in msgs[3] and "NaN" in msgs[4]
+    assert "appears again at items[6]; the last one is stored" in msgs[5]
+    assert "metadata['a']" in msgs[7] and "max_metadata_bytes" in msgs[8]
+    assert "items[9].image" in msgs[9] and "items[10].text is empty" in msgs[10]
+    assert r.upserted == 3 and sorted(got.items) == ["dup", "good-1", "good-2"] and got.items["dup"] == {"v": 2}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_k": 1001}, "top_k 1001 is over the limit of 1000"),
+    ({"filter": "colour = "}, "filter"),
+    ({"filter": 'size > "big"'}, "needs a number"),
+])
+def test_bad_searches_are_invalid(shapes_server, shapes, kwargs, message) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(shapes_server.target) as c, pytest.raises(InvalidArgument, match=message):
+        c.search("shapes", "x", **kwargs)
+
+
+def test_query_with_wrong_dimension_or_unknown_id(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(shapes_server.target) as c:
+        with pytest.raises(InvalidArgument, match=r"queries\[0\].terms\[0\].vector is 1 x 5"):
+            c.search("shapes", np.ones(5, np.float32))
+        with pytest.raises(NotFound, match="'ghost' is not stored"):
+            c.search("shapes", ById("ghost"))
+        with pytest.raises(InvalidArgument, match="give the ids to delete, or a filter"):
+            c.delete("shapes")
+
+
+def test_collection_survives_a_restart_and_a_corrupt_snapshot(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    v = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)
+    server = start_server(SHIPPED_MODELS, data_dir=str(data))
+    try:
+        with TandemClient(server.target) as c:
+            c.create_collection("keep", metric="l2")
+            c.upsert("keep", [{"id": f"k{i}", "vector": v[i], "metadata": {"i": i}} for i in range(50)])
+            c.delete("keep", ["k7"])
+            before = c.search("keep", v[3], top_k=5)[0]
+    finally:
+        server.stop()  # clean stop: writes a snapshot
+    snaps = list((data / "collections" / "keep").glob("index-*.faiss"))
+    assert len(snaps) == 1
+    for damage in ("restart", "corrupt"):
+        if damage == "corrupt":
+            snaps[0].write_bytes(snaps[0].read_bytes()[:200])
+        server = start_server(SHIPPED_MODELS, data_dir=str(data))
+        try:
+            with TandemClient(server.target) as c:
+                after = c.search("keep", v[3], top_k=5)[0]
+                assert c.get_collection("keep").count == 49
+                assert c.get("keep", ["k7"]).missing == ["k7"]
+        finally:
+            server.stop()
+        assert [(h.id, h.metadata) for h in after] == [(h.id, h.metadata) for h in before]
+        assert after[0].id == "k3" and after[0].score == pytest.approx(0.0, abs=1e-3)  # -squared L2 distance
+
+
+def test_missing_bound_model_is_a_failed_precondition_naming_it(tmp_path: Path, tiny_repo: Path) -> None:
+    data = tmp_path / "data"
+    server = start_server(tiny_repo, data_dir=str(data), default_model="tiny-clip")
+    try:
+        with TandemClient(server.target) as c:
+            c.create_collection("tiny")
+            c.upsert("tiny", [{"id": "a", "text": "a red circle"}])
+    finally:
+        server.stop()
+    other = tmp_path / "models"
+    shutil.copytree(tiny_repo / "tiny-image", other / "tiny-image")
+    server = start_server(other, data_dir=str(data))
+    try:
+        with TandemClient(server.target) as c:
+            info = c.get_collection("tiny")
+            assert not info.model_loaded and info.count == 1
+            for call in (lambda: c.search("tiny", "a red circle"), lambda: c.upsert("tiny", [{"id": "b", "text": "x"}])):
+                with pytest.raises(FailedPrecondition, match="bound to model tiny-clip/1 .* has not loaded"):
+                    call()
+    finally:
+        server.stop()
+
+
+def test_health_reports_collections(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(shapes_server.channel())
+    r = stub.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Collections"))
+    assert r.status == health_pb2.HealthCheckResponse.SERVING
