@@ -113,8 +113,8 @@ def _auto_nlist(n: int) -> int:
 class Collection:
     """Thread-safe: searches and index updates take `_lock`; the store serialises writes."""
 
-    def __init__(self, folder: Path, spec: Spec):
-        self.folder, self.spec = Path(folder), spec
+    def __init__(self, folder: Path, spec: Spec, snapshot_every: int = SNAPSHOT_EVERY_CHANGES):
+        self.folder, self.spec, self.snapshot_every = Path(folder), spec, snapshot_every
         self._lock = threading.RLock()
         self._tombstones: set[int] = set()
         self._selector: faiss.IDSelector | None = None
@@ -141,13 +141,13 @@ class Collection:
         return c
 
     @classmethod
-    def open(cls, folder: Path) -> Collection:
+    def open(cls, folder: Path, snapshot_every: int = SNAPSHOT_EVERY_CHANGES) -> Collection:
         store = Store(folder / STORE_FILE, 0)
         meta = store.get_meta()
         store.close()
         if "spec" not in meta:
             raise CollectionError(f"{folder}: no collection spec in {STORE_FILE}; the folder is not a collection")
-        c = cls(folder, Spec(**json.loads(meta["spec"])))
+        c = cls(folder, Spec(**json.loads(meta["spec"])), snapshot_every)
         c._recover()
         return c
 
@@ -210,7 +210,7 @@ class Collection:
                     self._selector = None
                 self.indexed_seq = w.seq
                 self._changes_since_snapshot += len(w.added) + len(w.removed)
-        if self._changes_since_snapshot >= SNAPSHOT_EVERY_CHANGES:
+        if self._changes_since_snapshot >= self.snapshot_every:
             self._maybe_snapshot_in_background()
         self._maybe_train_in_background()
 

@@ -28,8 +28,9 @@ class CollectionExists(ValueError):
 
 
 class Collections:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, snapshot_every: int = 20_000):
         self.root = Path(data_dir) / "collections"
+        self.snapshot_every = snapshot_every
         self._by_name: dict[str, Collection] = {}
         self._lock = threading.Lock()
 
@@ -42,7 +43,7 @@ class Collections:
                 continue
             if folder.is_dir():
                 try:
-                    self._by_name[folder.name] = Collection.open(folder)
+                    self._by_name[folder.name] = Collection.open(folder, self.snapshot_every)
                 except Exception as e:
                     raise RuntimeError(f"collection {folder.name} in {folder} could not be opened: {e}. Its data is in "
                                        f"{folder / 'store.sqlite'}; move the folder away to start without it") from e
@@ -56,7 +57,7 @@ class Collections:
             Collection.create(tmp, spec).close(snapshot=False)
             final = self.root / spec.name
             os.replace(tmp, final)  # the collection exists from here on, whole
-            c = Collection.open(final)
+            c = Collection.open(final, self.snapshot_every)
             self._by_name[spec.name] = c
             return c
 

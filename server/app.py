@@ -34,7 +34,7 @@ class TandemServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.registry = Registry(config)
-        self.collections = Collections(Path(config.data_dir))
+        self.collections = Collections(Path(config.data_dir), config.snapshot_every_changes)
         self.health = health.aio.HealthServicer()
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
