@@ -86,7 +86,11 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         start_http_server(config.metrics_port, addr=config.host)
         log.info("Prometheus metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     server = TandemServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)  # close the listening port before the error reaches the user
+        raise
     if ready:
         ready.set()
     stop = asyncio.Event()

@@ -260,3 +260,35 @@ def test_health_reports_collections(shapes_server) -> None:  # type: ignore[no-u
     stub = health_pb2_grpc.HealthStub(shapes_server.channel())
     r = stub.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Collections"))
     assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_full_disk_is_resource_exhausted_and_stores_nothing(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    from server.client import Overloaded
+
+    v = np.random.default_rng(2).standard_normal((30, 64)).astype(np.float32)
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection("full")
+        c.upsert("full", [{"id": "kept", "vector": v[0]}])
+        store = shapes_server.server.collections.get("full").store
+        pages = store._writer_db.execute("PRAGMA page_count").fetchone()[0]
+        store._writer_db.execute(f"PRAGMA max_page_count={pages}")  # the database cannot grow: a full disk
+        with pytest.raises(Overloaded, match="is full.*nothing of this write was stored"):
+            c.upsert("full", [{"id": f"b{i}", "vector": v[i], "metadata": {"pad": "x" * 4000}} for i in range(1, 30)])
+        assert c.get_collection("full").count == 1 and c.search("full", v[0], top_k=5)[0][0].id == "kept"
+        store._writer_db.execute("PRAGMA max_page_count=1073741823")
+        assert c.upsert("full", [{"id": "after", "vector": v[1]}]).upserted == 1
+        c.drop_collection("full")
+
+
+def test_rebuild_drops_deleted_vectors_from_the_index(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    v = np.random.default_rng(3).standard_normal((20, 64)).astype(np.float32)
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection("rb", index_spec="HNSW16")
+        c.upsert("rb", [{"id": f"r{i}", "vector": v[i]} for i in range(20)])
+        c.delete("rb", [f"r{i}" for i in range(10)])
+        assert c.get_collection("rb").deleted_pending == 10
+        info = c.rebuild("rb")
+        hits = c.search("rb", v[12], top_k=3)[0]
+        c.drop_collection("rb")
+    assert (info.deleted_pending, info.count, info.index_kind) == (0, 10, "HNSW16")
+    assert hits[0].id == "r12" and all(int(h.id[1:]) >= 10 for h in hits)
