@@ -17,8 +17,7 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from index.manager import Collections
 
-from . import metrics
-from .collections import CollectionsService
+from .collections import CollectionsService, observe
 from .config import ServerConfig
 from .registry import Registry
 from .service import Inference, Models
@@ -68,7 +67,9 @@ class TandemServer:
         await self.registry.warm_up()
         await loop.run_in_executor(None, self.collections.load)
         for c in self.collections.all():
-            metrics.COLLECTION_ITEMS.labels(c.spec.name).set(c.store.count())
+            observe(c)
+        if self.collections.all():
+            log.info("collections search on the CPU (GPU search is not implemented yet)")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %d model(s), %d collection(s); default model %s/%s", len(self.registry.all()),
                  len(self.collections.all()), *self.registry.default)

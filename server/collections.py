@@ -41,6 +41,22 @@ def _ref(m: LoadedModel) -> pb.ModelRef:
     return pb.ModelRef(name=m.name, version=m.version)
 
 
+_INFO_LABELS: dict[str, tuple[str, str, str]] = {}  # collection -> its current tandem_collection_info labels
+
+
+def observe(c: Collection | None, name: str = "") -> None:
+    """Set a collection's gauges (items stored; where and with which index it searches), or clear them (None)."""
+    name = c.spec.name if c is not None else name
+    if name in _INFO_LABELS:
+        metrics.COLLECTION_INFO.remove(*_INFO_LABELS.pop(name))
+    if c is None:
+        metrics.COLLECTION_ITEMS.remove(name)
+        return
+    metrics.COLLECTION_ITEMS.labels(name).set(c.store.count())
+    _INFO_LABELS[name] = (name, "cpu", c.kind)
+    metrics.COLLECTION_INFO.labels(*_INFO_LABELS[name]).set(1)
+
+
 def _struct(metadata_json: str) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(metadata_loads(metadata_json))
@@ -102,7 +118,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             raise ApiError(Code.ALREADY_EXISTS, str(e)) from None
         except CollectionError as e:
             raise invalid(str(e)) from None
-        metrics.COLLECTION_ITEMS.labels(c.spec.name).set(0)
+        observe(c)
         return self.info(c)
 
     @rpc("ListCollections")
@@ -122,7 +138,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         for key in [k for k in self._batchers if k[0] == request.name]:
             await self._batchers.pop(key).stop()
         await self._off_loop(self.collections.drop, request.name)
-        metrics.COLLECTION_ITEMS.remove(request.name)
+        observe(None, request.name)
         return pb.DropCollectionResponse()
 
     @rpc("Rebuild")
@@ -130,6 +146,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         c = self._collection(request.name)
         self._bound_model(c)
         await self._off_loop(c.rebuild)
+        observe(c)
         return self.info(c)
 
     # -- vectors from items and query terms -------------------------------------------

@@ -32,3 +32,5 @@ MODEL_INFO = Gauge(
 )
 ZERO_SHOT_CACHE = Counter("tandem_zero_shot_cache_total", "Label-embedding cache lookups", ["result"])
 COLLECTION_ITEMS = Gauge("tandem_collection_items", "Items stored per collection", ["collection"])
+COLLECTION_INFO = Gauge("tandem_collection_info", "Collections (value 1): where they search and with which index",
+                        ["collection", "device", "index_kind"])
