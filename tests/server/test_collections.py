@@ -292,3 +292,15 @@ def test_rebuild_drops_deleted_vectors_from_the_index(shapes_server) -> None:  #
         c.drop_collection("rb")
     assert (info.deleted_pending, info.count, info.index_kind) == (0, 10, "HNSW16")
     assert hits[0].id == "r12" and all(int(h.id[1:]) >= 10 for h in hits)
+
+
+def test_metrics_say_where_a_collection_searches_and_how_many_items_it_holds(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("tandem_collection_items", {"collection": "shapes"}) == 448
+    labels = {"collection": "shapes", "device": "cpu", "index_kind": "Flat"}
+    assert REGISTRY.get_sample_value("tandem_collection_info", labels) == 1
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection("gone")
+        c.drop_collection("gone")
+    assert REGISTRY.get_sample_value("tandem_collection_items", {"collection": "gone"}) is None
