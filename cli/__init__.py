@@ -22,6 +22,8 @@ serving (the serving install, `make serve`):
   embed          embed texts and/or image files with a running server
   classify       zero-shot classify image files with a running server
   models         list the models a running server has loaded
+  search         search a collection with texts and/or images; --sheet draws a contact sheet
+  index          collections: create, list, describe, drop, rebuild, ingest (a folder of images), eval (recall)
   shapes         draw procedural test images to try the default model on
 
 training (the training extra, `pip install -e '.[train]'`; `make test` installs it in .venv-dev):
@@ -35,6 +37,8 @@ training (the training extra, `pip install -e '.[train]'`; `make test` installs 
 EPILOG = """examples:
   tandem serve --models models --port 50051
   tandem embed --text 'a small red circle'
+  tandem index ingest photos/ --collection photos --create
+  tandem search 'a small red circle' --collection photos --sheet hits.png --root photos/
   tandem train clip --steps 1500 --out runs/clip
   torchrun --nproc_per_node 2 -m training clip --out runs/clip-ddp
   tandem export --checkpoint runs/clip/checkpoints/latest.pt --name my-clip --version 1

@@ -122,7 +122,6 @@ class Collection:
         self.indexed_seq = 0
         self.snapshot_seq = 0
         self.kind = "Flat"
-        self.trained = True
         self.nprobe = 0
         self._changes_since_snapshot = 0
         self._background: threading.Thread | None = None
@@ -162,7 +161,7 @@ class Collection:
             self._selector = None
             self.indexed_seq = self.store.last_seq()
         log.info("collection %s: %d items, %s index%s, recovered in %.2f s (snapshot at seq %d, store at seq %d)",
-                 self.spec.name, self.store.count(), self.kind, "" if self.trained else " (untrained: exact)",
+                 self.spec.name, self.store.count(), self.kind, "" if self.trained else " (waiting to train: exact)",
                  time.perf_counter() - started, self.snapshot_seq if loaded else 0, self.indexed_seq)
         self._maybe_train_in_background()
 
@@ -181,7 +180,7 @@ class Collection:
                         self.spec.name, e)
             return False
         with self._lock:
-            self.index, self.kind, self.trained = index, snap["kind"], snap["trained"]
+            self.index, self.kind = index, snap["kind"]
             self.nprobe = int(snap.get("nprobe", 0))
             self._set_nprobe()
             self.snapshot_seq = int(snap["seq"])
@@ -258,6 +257,12 @@ class Collection:
     @property
     def _approximate(self) -> bool:
         return self.kind != "Flat"
+
+    @property
+    def trained(self) -> bool:
+        """False while an explicit spec that needs training waits for enough vectors (searches are exact
+        meanwhile). "auto" is exact by design while small, so it counts as trained."""
+        return self.spec.index_spec in (AUTO, self.kind)
 
     def _params(self, sel: faiss.IDSelector) -> faiss.SearchParameters:
         if self.nprobe:
@@ -347,13 +352,13 @@ class Collection:
             index.train(sample)
         for rowids, vectors in self.store.scan(up_to_seq=seq0):
             index.add_with_ids(vectors, rowids)
-        if self.spec.index_spec == AUTO and faiss.try_extract_index_ivf(index.index) is not None:
-            nprobe = self._tune_nprobe(index)
+        if faiss.try_extract_index_ivf(index.index) is not None:
+            nprobe = self._tune_nprobe(index)  # a factory string cannot say nprobe; FAISS's default of 1 is poor
         with self._lock:
             # Writes applied while building; those committed but not applied yet reach the new index via _apply.
             for rowids, vectors in self.store.scan(after_seq=seq0, up_to_seq=self.indexed_seq):
                 index.add_with_ids(vectors, rowids)
-            self.index, self.kind, self.trained, self.nprobe = index, factory, True, nprobe
+            self.index, self.kind, self.nprobe = index, factory, nprobe
             self._set_nprobe()
             self._tombstones = set(self.store.deleted_after(seq0).tolist()) & self._tombstones
             self._selector = None
@@ -391,13 +396,13 @@ class Collection:
     def snapshot(self) -> None:
         """Write the index and the sequence number it includes, atomically (see the module docstring)."""
         with self._lock:
-            seq, kind, trained, nprobe = self.indexed_seq, self.kind, self.trained, self.nprobe
+            seq, kind, nprobe = self.indexed_seq, self.kind, self.nprobe
             data = faiss.serialize_index(self.index).tobytes()
             self._changes_since_snapshot = 0
         name = f"index-{seq}.faiss"
         write_atomically(self.folder / name, data)
         meta = {"seq": seq, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "kind": kind,
-                "trained": trained, "nprobe": nprobe}
+                "nprobe": nprobe}
         write_atomically(self.folder / SNAPSHOT_FILE, json.dumps(meta).encode())
         for old in self.folder.glob("index-*.faiss"):
             if old.name != name:

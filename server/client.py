@@ -21,6 +21,7 @@ the status code and the server's message:
     DeadlineExceeded     DEADLINE_EXCEEDED, CANCELLED
     Unauthorized         UNAUTHENTICATED, PERMISSION_DENIED
     ServerError          INTERNAL, UNKNOWN, UNIMPLEMENTED, DATA_LOSS, ABORTED
+    MessageTooLarge      (an InvalidArgument) RESOURCE_EXHAUSTED from gRPC's message size limit: split the request
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .wire import encode as encode_matrix
 __all__ = ["TandemClient", "AsyncTandemClient", "EmbedResult", "Label", "Hit", "ById", "GetResult", "decode_matrix",
            "TandemError",
            "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition", "Overloaded", "Unavailable",
-           "DeadlineExceeded", "Unauthorized", "ServerError"]
+           "DeadlineExceeded", "Unauthorized", "ServerError", "MessageTooLarge"]
 
 ImageLike = Union[bytes, str, Path]
 T = TypeVar("T")
@@ -103,6 +104,10 @@ class ServerError(TandemError):
     """The server failed (INTERNAL, UNIMPLEMENTED, ...); its log has the details."""
 
 
+class MessageTooLarge(InvalidArgument):
+    """RESOURCE_EXHAUSTED from gRPC itself: the message is over a size limit. Retrying cannot help; split it."""
+
+
 _FAMILY: dict[grpc.StatusCode, type[TandemError]] = {
     Code.INVALID_ARGUMENT: InvalidArgument, Code.OUT_OF_RANGE: InvalidArgument,
     Code.NOT_FOUND: NotFound, Code.ALREADY_EXISTS: AlreadyExists,
@@ -115,6 +120,8 @@ _FAMILY: dict[grpc.StatusCode, type[TandemError]] = {
 def error_from(e: grpc.RpcError) -> TandemError:
     """The TandemError subclass for a grpc.RpcError (grpc.aio's AioRpcError too)."""
     code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    if code == Code.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return MessageTooLarge(code, details)
     return _FAMILY.get(code, ServerError)(code, details)
 
 
@@ -267,8 +274,19 @@ def _search_request(collection: str, queries: Sequence[QueryLike], top_k: int, f
                             filter=filter, exact=exact, without_metadata=not with_metadata)
 
 
+def _metadata(s: Any) -> dict[str, Any]:
+    """A Struct as a dict, with integral numbers as ints: they were stored as integers (protobuf's Struct
+    carries every number as a double)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+            return int(v)
+        return [plain(x) for x in v] if isinstance(v, list) else v
+
+    return {k: plain(v) for k, v in json_format.MessageToDict(s).items()}
+
+
 def _hits(r: pb.SearchResponse) -> list[list[Hit]]:
-    return [[Hit(h.id, h.score, json_format.MessageToDict(h.metadata)) for h in res.hits] for res in r.results]
+    return [[Hit(h.id, h.score, _metadata(h.metadata)) for h in res.hits] for res in r.results]
 
 
 @dataclass
@@ -279,7 +297,7 @@ class GetResult:
 
 
 def _got(r: pb.GetResponse, with_vectors: bool) -> GetResult:
-    return GetResult({i.id: json_format.MessageToDict(i.metadata) for i in r.items},
+    return GetResult({i.id: _metadata(i.metadata) for i in r.items},
                      decode_matrix(r.vectors, "vectors") if with_vectors else None, list(r.missing))
 
 

@@ -34,7 +34,7 @@ TORCH = {"torch", "torchvision", "open_clip", "timm", "onnx", "onnxscript", "ten
 ALLOWED = {
     "bundle": {"bundle", "numpy", "PIL", "tokenizers", "ftfy", "regex"},
     "server": {"server", "bundle", "index", "tandem", "numpy", "PIL", "grpc", "grpc_health", "grpc_reflection",
-               "google", "prometheus_client", "onnxruntime", "faiss"},
+               "google", "prometheus_client", "onnxruntime", "faiss", "tqdm"},
     "index": {"index", "bundle", "numpy", "faiss"},
 }
 FORBIDDEN = {"training": {"server"}}

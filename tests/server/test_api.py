@@ -226,3 +226,12 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+def test_an_oversized_message_is_not_reported_as_a_retryable_overload(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    from server.client import MessageTooLarge
+
+    with TandemClient(tiny_server.target) as c, pytest.raises(MessageTooLarge) as info:
+        c.embed_image([b"\xff" * (2 << 20)])  # the tiny server takes messages up to 1 MiB
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not info.value.retryable
+    assert isinstance(info.value, InvalidArgument)
