@@ -26,13 +26,14 @@ keeps strings, numbers and booleans apart: json_each reports 'text',
 'integer'/'real', and 'true'/'false' (whose value is 1/0, so booleans are
 matched on type alone and never equal a number).
 
-Keys are located with a quoted JSON path, '$."key"', bound as a parameter.
-SQLite before 3.45 ends a quoted path label at the first '"' and compares it
-with the key's raw JSON text, escapes undecoded, so a key containing '"', '\\'
-or a control character (the characters canonical JSON escapes) cannot be
-addressed by path there; for those keys the expression scans the object's
-members instead (json_each(metadata) ... WHERE key = ?), which any version
-decodes. Both shapes are covered by tests/index/test_filters.py.
+Keys are located with a quoted JSON path, '$."key"', bound as a parameter,
+unless the key holds '"', '\\' or a control character (what canonical JSON
+escapes). Such keys cannot be written in a path portably: SQLite 3.40 (the one
+this was tested on) ends a quoted label at the first '"' and compares it with
+the key's raw JSON text, escapes undecoded; the 3.45 rewrite decodes escapes,
+and only later releases skip an escaped '"' inside the quotes. For those keys
+the expression scans the object's members instead (json_each(metadata) AS k
+WHERE k.key = ?, the key decoded by any version). Both shapes are tested.
 """
 
 from __future__ import annotations
@@ -206,14 +207,14 @@ def _read_string(text: str, start: int) -> tuple[str, int]:
             i += 1
             continue
         e = text[i + 1 : i + 2]
-        if e in _ESCAPES and e:
+        if not e:
+            break
+        if e in _ESCAPES:
             out.append(_ESCAPES[e])
             i += 2
         elif e == "u":
             cp, i = _read_unicode_escape(text, i)
             out.append(chr(cp))
-        elif not e:
-            break
         else:
             raise _error(
                 text, i, f"invalid escape \\{e} in a string (the escapes are \\\" \\' \\\\ \\/ \\b \\f \\n \\r \\t "
@@ -550,8 +551,9 @@ def _path(key: str) -> str:
 
 
 def _balanced(parts: list[tuple[str, list]], op: str) -> tuple[str, list]:
-    """`a OP b OP c ...` as a balanced tree of parentheses: SQLite limits expression depth (1000 by
-    default), and a flat chain of a few hundred terms nests that deep."""
+    """`a OP b OP c ...` as a balanced tree of parentheses. SQLite limits expression depth (1000 by
+    default) and a flat chain nests one level per term: about 585 at most within MAX_FILTER_CHARS, which
+    fits, but a balanced tree keeps the depth logarithmic should the length limit ever grow."""
     if len(parts) == 1:
         return parts[0]
     mid = len(parts) // 2
