@@ -58,6 +58,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        self._running: list[_Pending] = []  # requests with rows in the run in progress
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._labels = labels
@@ -72,10 +73,13 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for p in self._queue:
+        for p in (*self._running, *self._queue):  # a request in the cancelled run would wait forever
             if not p.future.done():
                 p.future.set_exception(RuntimeError("server is shutting down"))
+        self._running = []
         self._queue.clear()
+        self._queued_rows = 0
+        metrics.QUEUE_ROWS.labels(*self._labels).set(0)
 
     @property
     def queued_rows(self) -> int:
@@ -135,7 +139,7 @@ class Batcher:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             if not self._queue:
                 continue
@@ -150,9 +154,11 @@ class Batcher:
             ]
             metrics.BATCH_SIZE.labels(*self._labels).observe(len(batch))
             started = time.perf_counter()
+            self._running = [p for p, _, _ in taken]
             try:
                 out = await loop.run_in_executor(self._executor, self._run, batch)
             except Exception as e:  # a failed run fails its requests, not the worker
+                self._running = []
                 for p, _, _ in taken:
                     if not p.future.done():
                         p.future.set_exception(e)
@@ -161,6 +167,7 @@ class Batcher:
                         self._queued_rows -= len(p.rows) - p.offset
                 metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
                 continue
+            self._running = []
             metrics.STAGE_SECONDS.labels("inference", *self._labels).observe(time.perf_counter() - started)
             cursor = 0
             for p, a, b in taken:
