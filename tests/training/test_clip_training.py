@@ -99,7 +99,7 @@ def test_torchrun_two_cpu_processes_gather_the_global_batch(tmp_path: Path) -> N
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "server.cli", "train", "clip", "--model", TINY, "--out", str(out), "--steps", "3",
+           "-m", "training", "clip", "--model", TINY, "--out", str(out), "--steps", "3",
            "--batch-size", "16", "--train-size", "128", "--val-size", "32", "--test-size", "32",
            "--eval-every", "3", "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

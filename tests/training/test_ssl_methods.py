@@ -185,7 +185,7 @@ def test_export_parity_for_every_backbone_kind(tmp_path, method: str, backbone: 
 
 def test_image_folder_training_and_eval_cli(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """An ImageFolder trains SimSiam; `tandem eval knn` scores a checkpoint and a random init."""
-    from server.cli import main
+    from cli import main
 
     for i, (img, spec) in enumerate(procedural.ShapesDataset("train", 48)):
         folder = tmp_path / "data" / spec.shape
@@ -218,7 +218,7 @@ def test_torchrun_two_cpu_processes_train_simclr(tmp_path) -> None:  # type: ign
 
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "server.cli", "train", "simclr", "--out", str(out), "--steps", "2", "--batch-size", "8",
+           "-m", "training", "simclr", "--out", str(out), "--steps", "2", "--batch-size", "8",
            "--image-size", "16", "--hidden-dim", "32", "--train-size", "64", "--eval-bank-size", "64",
            "--val-size", "32", "--eval-every", "2", "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
