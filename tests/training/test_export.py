@@ -63,7 +63,8 @@ def test_attention_exports_as_plain_onnx_ops(tiny_repo) -> None:  # type: ignore
 
 def test_manifest_records_what_the_server_needs(tiny_repo) -> None:  # type: ignore[no-untyped-def]
     data = json.loads((tiny_repo / "tiny-clip" / "1" / "manifest.json").read_text())
-    assert data["format"] == "tandem-bundle/1"
+    assert data["format"] == "tandem-bundle/2"
+    assert data["text"]["tokenizer_file"] == "tokenizer.json" and len(data["text"]["tokenizer_sha256"]) == 64
     assert data["image"]["size"] == 32 and data["image"]["resize_mode"] == "shortest"
     assert data["image"]["interpolation"] == "bicubic" and len(data["image"]["mean"]) == 3
     assert data["text"]["context_length"] == 16 and data["text"]["tokenizer"] == "clip-bpe"
