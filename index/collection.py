@@ -48,6 +48,7 @@ EXACT_FILTER_MAX = 20_000  # a filter matching at most this many items is answer
 TARGET_RECALL = 0.95  # "auto" picks the smallest nprobe reaching this recall@10 on a sample of its vectors
 SNAPSHOT_EVERY_CHANGES = 20_000
 STORE_FILE, SNAPSHOT_FILE = "store.sqlite", "snapshot.json"
+SEARCH_THREADS = os.cpu_count() or 1
 
 
 class CollectionError(ValueError):
@@ -116,6 +117,7 @@ class Collection:
     def __init__(self, folder: Path, spec: Spec, snapshot_every: int = SNAPSHOT_EVERY_CHANGES):
         self.folder, self.spec, self.snapshot_every = Path(folder), spec, snapshot_every
         self._lock = threading.RLock()
+        self._snapshot_lock = threading.Lock()
         self._tombstones: set[int] = set()
         self._selector: faiss.IDSelector | None = None
         self._selector_keep: list[object] = []  # objects the selector points into
@@ -235,6 +237,9 @@ class Collection:
                ) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores float32 [n, k], rowids int64 [n, k] with -1 for none, exact?). Higher scores are better."""
         q = self.prepare(queries)
+        # FAISS's OpenMP threads cost more than they save on a few queries: waking a second thread on busy
+        # cores adds scheduler ticks (ms) to batch-1 latency. The setting is per calling thread.
+        faiss.omp_set_num_threads(1 if len(q) < 16 else SEARCH_THREADS)
         if where is not None:
             rows = self.store.matching(*where, limit=None if exact else EXACT_FILTER_MAX)
             if exact or len(rows) <= EXACT_FILTER_MAX:
@@ -257,6 +262,11 @@ class Collection:
     @property
     def _approximate(self) -> bool:
         return self.kind != "Flat"
+
+    @property
+    def exact(self) -> bool:
+        """Whether unfiltered searches are exact now (no lock: a plain attribute read)."""
+        return not self._approximate
 
     @property
     def trained(self) -> bool:
@@ -289,11 +299,12 @@ class Collection:
         vectors = self.store.vectors_of(rowids)
         return _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
 
-    def _exact_all(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Score every stored item, a block at a time (exact: true on an approximate index)."""
+    def _exact_all(self, q: np.ndarray, k: int, up_to_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Score every stored item (written up to `up_to_seq`), a block at a time (exact: true on an
+        approximate index)."""
         best_s = np.full((len(q), k), -np.inf, np.float32)
         best_i = np.full((len(q), k), -1, np.int64)
-        for rowids, vectors in self.store.scan():
+        for rowids, vectors in self.store.scan(up_to_seq=up_to_seq):
             s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
             best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
         return best_s, best_i
@@ -340,20 +351,23 @@ class Collection:
         Writes go on meanwhile; those committed after the build started are
         applied to the new index before the swap.
         """
-        factory = factory or (self._target_factory(self.store.count()) or self.kind)
+        n = self.store.count()
+        if factory is None and self.spec.index_spec == AUTO and n >= AUTO_MIN_VECTORS:
+            factory = f"IVF{_auto_nlist(n)},Flat"  # lists grow with the collection
+        factory = factory or (self._target_factory(n) or self.kind)
         started = time.perf_counter()
         with self._lock:
             seq0 = self.indexed_seq  # the build reads items up to here; later writes are added below
         index = self._new_index(factory)
         nprobe = 0
         if not index.is_trained:
-            sample = self._sample(max(100_000, 64 * (faiss.try_extract_index_ivf(index.index).nlist
-                                                      if faiss.try_extract_index_ivf(index.index) else 0)))
+            ivf = faiss.try_extract_index_ivf(index.index)
+            sample = self._sample(max(100_000, 64 * (ivf.nlist if ivf is not None else 0)), seq0)
             index.train(sample)
         for rowids, vectors in self.store.scan(up_to_seq=seq0):
             index.add_with_ids(vectors, rowids)
         if faiss.try_extract_index_ivf(index.index) is not None:
-            nprobe = self._tune_nprobe(index)  # a factory string cannot say nprobe; FAISS's default of 1 is poor
+            nprobe = self._tune_nprobe(index, seq0)  # a factory string cannot say nprobe; FAISS's default of 1 is poor
         with self._lock:
             # Writes applied while building; those committed but not applied yet reach the new index via _apply.
             for rowids, vectors in self.store.scan(after_seq=seq0, up_to_seq=self.indexed_seq):
@@ -367,27 +381,32 @@ class Collection:
         self.snapshot()
         self.store.prune_deletions(seq0)  # the durable index no longer holds what was deleted before seq0
 
-    def _sample(self, n: int) -> np.ndarray:
-        parts, have = [], 0
-        for _, vectors in self.store.scan():
-            parts.append(vectors)
-            have += len(vectors)
-            if have >= n:
-                break
-        return np.concatenate(parts)[:n]
+    def _sample(self, n: int, up_to_seq: int | None = None) -> np.ndarray:
+        """About n stored vectors spread evenly over the whole collection (not its first rows)."""
+        step = max(1, self.store.count() // n)
+        parts = [vectors[::step] for _, vectors in self.store.scan(up_to_seq=up_to_seq)]
+        return np.concatenate(parts)[:n] if parts else np.zeros((0, self.spec.dim), np.float32)
 
-    def _tune_nprobe(self, index: faiss.Index) -> int:
-        """Smallest nprobe whose recall@10 against exact search on 200 stored vectors reaches TARGET_RECALL."""
-        sample = self.prepare(self._sample(20_000))
-        rng = np.random.default_rng(0)
-        queries = sample[rng.choice(len(sample), min(200, len(sample)), replace=False)]
-        _, truth = self._exact_all(queries, 10)
+    def _tune_nprobe(self, index: faiss.Index, seq: int) -> int:
+        """Smallest nprobe whose recall@10 reaches TARGET_RECALL on 200 stored vectors used as queries, each
+        query's own item left out of both answers (a query finds itself for free; users' queries are new).
+        The truth is exact search over what the index holds (writes up to `seq`)."""
+        sample = self._sample(200, seq)
+        if len(sample) == 0:
+            return 1
+        _, truth = self._exact_all(sample, 11, up_to_seq=seq)
         ivf = faiss.extract_index_ivf(index.index)
+
+        def others(rows: np.ndarray, own: np.ndarray) -> list[set[int]]:
+            return [set([r for r in row if r != o][:10]) for row, o in zip(rows, own)]
+
+        own = truth[:, 0]  # each sample vector's own rowid is its best exact match
+        want = others(truth, own)
         nprobe = 1
         while nprobe < ivf.nlist:
             ivf.nprobe = nprobe
-            _, got = index.search(queries, 10)
-            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+            _, got = index.search(sample, 11)
+            recall = np.mean([len(g & w) / max(1, len(w)) for g, w in zip(others(got, own), want)])
             if recall >= TARGET_RECALL:
                 break
             nprobe *= 2
@@ -395,6 +414,10 @@ class Collection:
 
     def snapshot(self) -> None:
         """Write the index and the sequence number it includes, atomically (see the module docstring)."""
+        with self._snapshot_lock:  # a Rebuild's snapshot and a background one must not interleave
+            self._snapshot()
+
+    def _snapshot(self) -> None:
         with self._lock:
             seq, kind, nprobe = self.indexed_seq, self.kind, self.nprobe
             data = faiss.serialize_index(self.index).tobytes()

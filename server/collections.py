@@ -118,18 +118,19 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             raise ApiError(Code.ALREADY_EXISTS, str(e)) from None
         except CollectionError as e:
             raise invalid(str(e)) from None
-        observe(c)
-        return self.info(c)
+        await self._off_loop(observe, c)
+        return await self._off_loop(self.info, c)
 
     @rpc("ListCollections")
     async def ListCollections(self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ListCollectionsResponse:
-        return pb.ListCollectionsResponse(collections=[self.info(c) for c in self.collections.all()])
+        infos = [await self._off_loop(self.info, c) for c in self.collections.all()]  # info() may wait on locks
+        return pb.ListCollectionsResponse(collections=infos)
 
     @rpc("GetCollection")
     async def GetCollection(self, request: pb.GetCollectionRequest, context: grpc.aio.ServicerContext
                             ) -> pb.CollectionInfo:
-        return self.info(self._collection(request.name))
+        return await self._off_loop(self.info, self._collection(request.name))
 
     @rpc("DropCollection")
     async def DropCollection(self, request: pb.DropCollectionRequest, context: grpc.aio.ServicerContext
@@ -146,8 +147,8 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         c = self._collection(request.name)
         self._bound_model(c)
         await self._off_loop(c.rebuild)
-        observe(c)
-        return self.info(c)
+        await self._off_loop(observe, c)
+        return await self._off_loop(self.info, c)
 
     # -- vectors from items and query terms -------------------------------------------
     def _vector(self, m: pb.Matrix, dim: int, what: str) -> np.ndarray | ApiError:
@@ -242,7 +243,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         seq = 0
         if puts:
             seq = (await self._write(c, puts=puts)).seq
-        metrics.COLLECTION_ITEMS.labels(c.spec.name).set(c.store.count())
+        await self._off_loop(observe, c)
         results = [pb.ItemResult(id=item.id, code=errors[i].code.value[0] if i in errors else 0,
                                  message=errors[i].message if i in errors else "")
                    for i, item in enumerate(items)]
@@ -272,7 +273,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         if not ids and where is None:
             raise invalid("give the ids to delete, or a filter matching the items to delete")
         w = await self._write(c, delete_ids=ids, delete_where=where)
-        metrics.COLLECTION_ITEMS.labels(c.spec.name).set(c.store.count())
+        await self._off_loop(observe, c)
         return pb.DeleteResponse(deleted=len(w.removed), not_found=w.not_found, seq=w.seq)
 
     @rpc("Get")
@@ -352,9 +353,11 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 out["score"], out["rowid"] = scores, rowids
                 return out
 
+            # No waiting for company: a search runs at once with whatever queued up while the last one ran
+            # (text-embeddings-inference's batcher never idles either). Waiting would add the whole delay to
+            # every lone search, and FAISS's cost per query barely falls with batch size on the CPU.
             cfg = self.config
-            b = Batcher(run, self.pool, cfg.max_batch_size, cfg.max_queue_delay_us, cfg.max_queue_rows,
-                        labels=(c.spec.name, "search"))
+            b = Batcher(run, self.pool, cfg.max_batch_size, 0, cfg.max_queue_rows, labels=(c.spec.name, "search"))
             self._batchers[key] = b
         return b
 
@@ -375,7 +378,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         q = await self._query_vectors(c, m, queries)
         if where is None and not request.exact:
             hits = await self._batcher(c, k).submit(q)
-            scores, rowids, exact = hits["score"], hits["rowid"], c.describe()["exact"]
+            scores, rowids, exact = hits["score"], hits["rowid"], c.exact
         else:
             scores, rowids, exact = await self._off_loop(c.search, q, k, where, request.exact)
         found = await self._off_loop(c.store.by_rowids, [int(r) for r in np.unique(rowids) if r >= 0])
