@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .store import Store, Written
+from .store import Store, Written, connect
 
 log = logging.getLogger("tandem.index")
 
@@ -146,9 +147,13 @@ class Collection:
 
     @classmethod
     def open(cls, folder: Path, snapshot_every: int = SNAPSHOT_EVERY_CHANGES) -> Collection:
-        store = Store(folder / STORE_FILE, 0)
-        meta = store.get_meta()
-        store.close()
+        db = connect(folder / STORE_FILE)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError:  # no meta table: not a collection's store
+            meta = {}
+        finally:
+            db.close()
         if "spec" not in meta:
             raise CollectionError(f"{folder}: no collection spec in {STORE_FILE}; the folder is not a collection")
         c = cls(folder, Spec(**json.loads(meta["spec"])), snapshot_every)
@@ -243,24 +248,20 @@ class Collection:
         # FAISS's OpenMP threads cost more than they save on a few queries: waking a second thread on busy
         # cores adds scheduler ticks (ms) to batch-1 latency. The setting is per calling thread.
         faiss.omp_set_num_threads(1 if len(q) < 16 else SEARCH_THREADS)
+        sel: faiss.IDSelector | None = None
         if where is not None:
-            rows = self.store.matching(*where, limit=None if exact else EXACT_FILTER_MAX)
+            # Only live items are in the store, so the matches need no tombstone filtering.
+            rows = self.store.matching(*where)
             if exact or len(rows) <= EXACT_FILTER_MAX:
                 return (*self._exact_over(q, k, rows), True)
-            with self._lock:
-                keep = self._tombstones
-                rows = np.setdiff1d(self.store.matching(*where), np.fromiter(keep, np.int64, len(keep)))
-                params = self._params(faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows)))
-                d, i = self.index.search(q, k, params=params)
-                return (*self._scores(d, i), not self._approximate)
+            sel = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))
+        elif exact and self._approximate:
+            return (*self._exact_all(q, k), True)
         with self._lock:
-            if exact and self._approximate:
-                pass  # fall through to the exact scan below, outside the lock
-            else:
+            if where is None:
                 sel = self._alive_selector()
-                d, i = self.index.search(q, k, params=self._params(sel) if sel is not None else None)
-                return (*self._scores(d, i), not self._approximate)
-        return (*self._exact_all(q, k), True)
+            d, i = self.index.search(q, k, params=self._params(sel) if sel is not None else None)
+            return (*self._scores(d, i), not self._approximate)
 
     @property
     def _approximate(self) -> bool:

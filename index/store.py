@@ -233,11 +233,11 @@ class Store:
                     out[rowid] = (item_id, meta)
         return out
 
-    def matching(self, where: str, params: list[Any], limit: int | None = None) -> np.ndarray:
-        """int64 rowids of the items a filter (SQL over `metadata`) matches, at most `limit` (+1 to tell more)."""
-        sql = f"SELECT rowid FROM items WHERE {where}" + (f" LIMIT {int(limit) + 1}" if limit is not None else "")
+    def matching(self, where: str, params: list[Any]) -> np.ndarray:
+        """int64 rowids of the items a filter (SQL over `metadata`) matches."""
         with self._read_lock:
-            return np.fromiter((r for (r,) in self._db.execute(sql, params)), np.int64)
+            return np.fromiter((r for (r,) in self._db.execute(f"SELECT rowid FROM items WHERE {where}", params)),
+                               np.int64)
 
     def vectors_of(self, rowids: np.ndarray) -> np.ndarray:
         """float32 [len(rowids), dim] in the order given (rowids must be stored)."""
