@@ -17,6 +17,7 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from index.manager import Collections
 
+from .auth import TokenAuth, TokenStore, check_exposure, server_credentials
 from .collections import CollectionsService, observe
 from .config import ServerConfig
 from .registry import Registry
@@ -32,6 +33,9 @@ class TandemServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.tokens = TokenStore.from_config(config)
+        check_exposure(config, self.tokens)
+        credentials = server_credentials(config)
         self.registry = Registry(config)
         self.collections = Collections(Path(config.data_dir), config.snapshot_every_changes)
         self.health = health.aio.HealthServicer()
@@ -39,20 +43,32 @@ class TandemServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=[TokenAuth(self.tokens)] if self.tokens else [])
         inference = Inference(self.registry, config)
         self.collections_service = CollectionsService(self.registry, self.collections, config, inference)
         pb_grpc.add_InferenceServicer_to_server(inference, self.server)
         pb_grpc.add_ModelsServicer_to_server(Models(self.registry), self.server)
         pb_grpc.add_CollectionsServicer_to_server(self.collections_service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if config.reflection:
+            reflection.enable_server_reflection(
+                SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server,
+            )
+        address = f"{config.host}:{config.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {config.host}:{config.port} (in use?)")
+
+    def reload_tokens(self) -> None:
+        """Read tokens_file again (SIGHUP); requests also notice a changed file within a second."""
+        if self.tokens is None:
+            log.info("nothing to reload: tokens are off")
+        else:
+            self.tokens.reload()
 
     async def _set_health(self, status: int) -> None:
         for name in ("",) + SERVICES:
@@ -61,7 +77,10 @@ class TandemServer:
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening on %s:%d (NOT_SERVING until models are warm)", self.config.host, self.port)
+        c = self.config
+        access = ("mTLS" if c.tls_client_ca else "TLS" if c.tls_cert else "plaintext") + (
+            ", tokens" if self.tokens else ", no tokens")
+        log.info("listening on %s:%d, %s (NOT_SERVING until models are warm)", c.host, self.port, access)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.registry.load)
         await self.registry.warm_up()
@@ -83,9 +102,10 @@ class TandemServer:
 
 
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    metrics_host = config.metrics_host or config.host
     if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host)
-        log.info("Prometheus metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+        start_http_server(config.metrics_port, addr=metrics_host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, config.metrics_port)
     server = TandemServer(config)
     try:
         await server.start()
@@ -98,6 +118,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
     _print_howto(config, server)
     await stop.wait()
     log.info("shutting down")
@@ -107,12 +128,20 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
 def _print_howto(config: ServerConfig, server: TandemServer) -> None:
     name, version = server.registry.default or ("?", "?")
     target = f"{config.host}:{server.port}"
+    access = (" --tls-ca CA.pem" if config.tls_cert else "") + (
+        " --tls-cert CLIENT.pem --tls-key CLIENT.key" if config.tls_client_ca else "")
+    python_access = (", tls_ca='CA.pem'" if config.tls_cert else "") + (
+        ", tls_cert='CLIENT.pem', tls_key='CLIENT.key'" if config.tls_client_ca else "")
+    if server.tokens is not None:
+        access, python_access = access + " --token TOKEN", python_access + ", token=TOKEN"
     print(
         f"\nTandem is serving {name}/{version} on {target}.\n"
-        f"  .venv/bin/tandem classify --server {target} IMAGE.png --labels 'red circle' 'blue square'\n"
-        f"  .venv/bin/tandem embed --server {target} --text 'a small red circle'\n"
-        f"  Python: from server.client import TandemClient; TandemClient('{target}').embed_text(['hi'])\n"
-        + (f"  Metrics: http://{config.host}:{config.metrics_port}/metrics\n" if config.metrics_port else "")
+        f"  .venv/bin/tandem classify --server {target}{access} IMAGE.png --labels 'red circle' 'blue square'\n"
+        f"  .venv/bin/tandem embed --server {target}{access} --text 'a small red circle'\n"
+        f"  Python: from server.client import TandemClient; "
+        f"TandemClient('{target}'{python_access}).embed_text(['hi'])\n"
+        + (f"  Metrics: http://{config.metrics_host or config.host}:{config.metrics_port}/metrics\n"
+           if config.metrics_port else "")
         + "Ctrl-C stops it.\n",
         flush=True,
     )

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import logging
+import os
 import posixpath
 import re
 import sys
@@ -41,7 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import TandemClient
 
-    return TandemClient(args.server, model=args.model or "", version=args.version or "", timeout_s=args.timeout)
+    return TandemClient(args.server, model=args.model or "", version=args.version or "", timeout_s=args.timeout,
+                        **_access(args))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -106,6 +108,28 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default="", help="model version (default: the latest)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before the call is abandoned")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    _access_args(p)
+
+
+def _access_args(p: argparse.ArgumentParser) -> None:
+    """TLS and token options, the same for every command that calls a server."""
+    g = p.add_argument_group("TLS and tokens", "for a server that has them on (docs/security.md)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS, checking the server's certificate "
+                   "against the system's root certificates (implied by the other --tls-* options)")
+    g.add_argument("--tls-ca", metavar="CA.pem", help="check the server's certificate against this CA instead")
+    g.add_argument("--tls-cert", metavar="CERT.pem", help="client certificate, for a server that requires one "
+                   "(mTLS); give --tls-key too")
+    g.add_argument("--tls-key", metavar="KEY.pem", help="private key of --tls-cert")
+    g.add_argument("--tls-server-name", metavar="NAME", help="the name the server's certificate must carry, when "
+                   "it is not --server's host (e.g. connecting by IP address)")
+    g.add_argument("--token", help="bearer token sent with every call (default: the TANDEM_TOKEN environment "
+                   "variable, which other users cannot see in the process list)")
+
+
+def _access(args: argparse.Namespace) -> dict[str, Any]:
+    """TandemClient's TLS and token arguments from _access_args' options."""
+    return {"tls": args.tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+            "tls_server_name": args.tls_server_name, "token": args.token or os.environ.get("TANDEM_TOKEN") or None}
 
 
 
@@ -139,12 +163,13 @@ def _server_args(p: argparse.ArgumentParser, timeout: float = 30.0) -> None:
     p.add_argument("--timeout", type=float, default=timeout,
                    help=f"seconds before one call is abandoned (default {timeout:g})")
     p.add_argument("--json", action="store_true", help="print JSON (lines) instead of a table")
+    _access_args(p)
 
 
 def _collections_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import TandemClient
 
-    return TandemClient(args.server, timeout_s=args.timeout)
+    return TandemClient(args.server, timeout_s=args.timeout, **_access(args))
 
 
 def _retrying(fn, *args, attempts: int = 5):  # type: ignore[no-untyped-def]

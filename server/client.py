@@ -5,6 +5,15 @@
         vectors = c.embed_text(["a small red circle"]).embeddings   # numpy [1, dim]
         top = c.classify(["shape.png"], ["red circle", "blue square"])[0]
 
+A server with TLS, client certificates (mTLS) or tokens (docs/security.md):
+
+    TandemClient("tandem.internal:50051", tls_ca="ca.pem", tls_cert="client.pem", tls_key="client.key",
+                 token=os.environ["TANDEM_TOKEN"])
+
+`tls=True` alone checks the server against the system's root certificates; `tls_server_name` checks
+its certificate against another name than the target's. The token goes with every call as
+`authorization: Bearer <token>` metadata.
+
 Images may be given as bytes or as paths to files. Embeddings arrive as
 read-only numpy views of the response's raw buffer (no copy; `.copy()` for a
 writable array); float16 on request (`dtype="float16"`).
@@ -27,6 +36,7 @@ the status code and the server's message:
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +48,7 @@ from google.protobuf import json_format
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
+from .auth import is_loopback
 from .wire import decode as decode_matrix
 from .wire import encode as encode_matrix
 
@@ -49,6 +60,7 @@ __all__ = ["TandemClient", "AsyncTandemClient", "EmbedResult", "Label", "Hit", "
 ImageLike = Union[bytes, str, Path]
 T = TypeVar("T")
 Code = grpc.StatusCode
+log = logging.getLogger("tandem.client")
 DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 
 
@@ -153,9 +165,46 @@ def _dtype(name: str) -> int:
     return DTYPES[name]
 
 
-def _options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+def _options(max_message_bytes: int, tls_server_name: str | None = None) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.max_send_message_length", max_message_bytes)]
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return options
+
+
+@dataclass(frozen=True)
+class _Access:
+    """How a client reaches a server: TLS (on when `tls` or any file is given) and a bearer token."""
+
+    tls: bool = False  # TLS with the system's root certificates (tls_ca replaces them)
+    tls_ca: str | Path | None = None  # PEM CA that signed the server's certificate
+    tls_cert: str | Path | None = None  # PEM client certificate, for servers that require one (mTLS)
+    tls_key: str | Path | None = None  # its private key
+    tls_server_name: str | None = None  # the name the server's certificate is checked against, if not the target's
+    token: str | None = None  # sent as `authorization: Bearer <token>` with every call
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert or self.tls_key)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+
+        def read(path: str | Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca), private_key=read(self.tls_key),
+                                            certificate_chain=read(self.tls_cert))
+
+    def metadata(self, target: str) -> tuple[tuple[str, str], ...]:
+        if not self.token:
+            return ()
+        host = target.split("://")[-1].rsplit(":", 1)[0]
+        if not self.secure and not is_loopback(host):
+            log.warning("sending a token to %s without TLS: anyone on the network path can read it", target)
+        return (("authorization", f"Bearer {self.token}"),)
 
 
 @dataclass
@@ -306,11 +355,17 @@ def _delete_request(collection: str, ids: Sequence[str] | None, filter: str) -> 
 
 
 class TandemClient:
-    """Blocking client. `model`/`version` empty = the server's default."""
+    """Blocking client. `model`/`version` empty = the server's default; TLS and token as in the module's doc."""
 
     def __init__(self, target: str = "127.0.0.1:50051", model: str = "", version: str = "",
-                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20):
-        self.channel = grpc.insecure_channel(target, options=_options(max_message_bytes))
+                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20, *,
+                 tls: bool = False, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, tls_server_name: str | None = None, token: str | None = None):
+        access = _Access(tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        options = _options(max_message_bytes, tls_server_name)
+        self.channel = (grpc.secure_channel(target, access.credentials(), options=options) if access.secure
+                        else grpc.insecure_channel(target, options=options))
+        self.metadata = access.metadata(target)
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.models = pb_grpc.ModelsStub(self.channel)
         self.collections = pb_grpc.CollectionsStub(self.channel)
@@ -320,64 +375,64 @@ class TandemClient:
     def embed_text(self, texts: Sequence[str], normalize: bool = True, reject_truncated: bool = False,
                    dtype: str = "float32") -> EmbedResult:
         return _result(self.inference.EmbedText(self.req.text(texts, normalize, reject_truncated, dtype),
-                                                timeout=self.timeout_s))
+                                                timeout=self.timeout_s, metadata=self.metadata))
 
     @_raises_tandem_errors
     def embed_image(self, images: Sequence[ImageLike], normalize: bool = True, dtype: str = "float32"
                     ) -> EmbedResult:
-        return _result(self.inference.EmbedImage(self.req.image(images, normalize, dtype), timeout=self.timeout_s))
+        return _result(self.inference.EmbedImage(self.req.image(images, normalize, dtype), timeout=self.timeout_s, metadata=self.metadata))
 
     @_raises_tandem_errors
     def classify(self, images: Sequence[ImageLike], labels: Sequence[str], templates: Sequence[str] | None = None,
                  top_k: int = 5) -> list[list[Label]]:
         return _labels(self.inference.Classify(self.req.classify(images, labels, templates, top_k),
-                                               timeout=self.timeout_s))
+                                               timeout=self.timeout_s, metadata=self.metadata))
 
     @_raises_tandem_errors
     def list_models(self) -> pb.ListModelsResponse:
-        return self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
+        return self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata)
 
     @_raises_tandem_errors
     def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
-        return self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
+        return self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s, metadata=self.metadata)
 
     # -- collections ---------------------------------------------------------------
     @_raises_tandem_errors
     def create_collection(self, name: str, model: str = "", version: str = "", index_spec: str = "",
                           metric: str = "cosine") -> pb.CollectionInfo:
         return self.collections.CreateCollection(pb.CreateCollectionRequest(
-            name=name, model=model, version=version, index_spec=index_spec, metric=metric), timeout=self.timeout_s)
+            name=name, model=model, version=version, index_spec=index_spec, metric=metric), timeout=self.timeout_s, metadata=self.metadata)
 
     @_raises_tandem_errors
     def list_collections(self) -> list[pb.CollectionInfo]:
-        return list(self.collections.ListCollections(pb.ListCollectionsRequest(), timeout=self.timeout_s).collections)
+        return list(self.collections.ListCollections(pb.ListCollectionsRequest(), timeout=self.timeout_s, metadata=self.metadata).collections)
 
     @_raises_tandem_errors
     def get_collection(self, name: str) -> pb.CollectionInfo:
-        return self.collections.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout_s)
+        return self.collections.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout_s, metadata=self.metadata)
 
     @_raises_tandem_errors
     def drop_collection(self, name: str) -> None:
-        self.collections.DropCollection(pb.DropCollectionRequest(name=name), timeout=self.timeout_s)
+        self.collections.DropCollection(pb.DropCollectionRequest(name=name), timeout=self.timeout_s, metadata=self.metadata)
 
     @_raises_tandem_errors
     def rebuild(self, name: str) -> pb.CollectionInfo:
-        return self.collections.Rebuild(pb.RebuildRequest(name=name), timeout=self.timeout_s)
+        return self.collections.Rebuild(pb.RebuildRequest(name=name), timeout=self.timeout_s, metadata=self.metadata)
 
     @_raises_tandem_errors
     def upsert(self, collection: str, items: Sequence[Mapping[str, Any]]) -> pb.UpsertResponse:
         """Store items; check `.results[i].code` (0 = stored) for each, or `.upserted` for the count."""
         return self.collections.Upsert(pb.UpsertRequest(collection=collection, items=[_item(i) for i in items]),
-                                       timeout=self.timeout_s)
+                                       timeout=self.timeout_s, metadata=self.metadata)
 
     @_raises_tandem_errors
     def delete(self, collection: str, ids: Sequence[str] | None = None, filter: str = "") -> pb.DeleteResponse:
-        return self.collections.Delete(_delete_request(collection, ids, filter), timeout=self.timeout_s)
+        return self.collections.Delete(_delete_request(collection, ids, filter), timeout=self.timeout_s, metadata=self.metadata)
 
     @_raises_tandem_errors
     def get(self, collection: str, ids: Sequence[str], with_vectors: bool = False) -> GetResult:
         return _got(self.collections.Get(pb.GetRequest(collection=collection, ids=list(ids),
-                                                       with_vectors=with_vectors), timeout=self.timeout_s),
+                                                       with_vectors=with_vectors), timeout=self.timeout_s, metadata=self.metadata),
                     with_vectors)
 
     @_raises_tandem_errors
@@ -385,7 +440,7 @@ class TandemClient:
                with_metadata: bool = True) -> list[list[Hit]]:
         """One list of hits (best first) per query."""
         return _hits(self.collections.Search(_search_request(collection, queries, top_k, filter, exact,
-                                                             with_metadata), timeout=self.timeout_s))
+                                                             with_metadata), timeout=self.timeout_s, metadata=self.metadata))
 
     def close(self) -> None:
         self.channel.close()
@@ -401,8 +456,14 @@ class AsyncTandemClient:
     """asyncio client with the same methods as TandemClient, awaitable."""
 
     def __init__(self, target: str = "127.0.0.1:50051", model: str = "", version: str = "",
-                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20):
-        self.channel = grpc.aio.insecure_channel(target, options=_options(max_message_bytes))
+                 timeout_s: float | None = 30.0, max_message_bytes: int = 64 << 20, *,
+                 tls: bool = False, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, tls_server_name: str | None = None, token: str | None = None):
+        access = _Access(tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        options = _options(max_message_bytes, tls_server_name)
+        self.channel = (grpc.aio.secure_channel(target, access.credentials(), options=options) if access.secure
+                        else grpc.aio.insecure_channel(target, options=options))
+        self.metadata = access.metadata(target)
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.models = pb_grpc.ModelsStub(self.channel)
         self.collections = pb_grpc.CollectionsStub(self.channel)
@@ -412,65 +473,65 @@ class AsyncTandemClient:
     async def embed_text(self, texts: Sequence[str], normalize: bool = True,
                          reject_truncated: bool = False, dtype: str = "float32") -> EmbedResult:
         return _result(await self.inference.EmbedText(self.req.text(texts, normalize, reject_truncated, dtype),
-                                                      timeout=self.timeout_s))
+                                                      timeout=self.timeout_s, metadata=self.metadata))
 
     @_async_raises_tandem_errors
     async def embed_image(self, images: Sequence[ImageLike], normalize: bool = True, dtype: str = "float32"
                           ) -> EmbedResult:
         return _result(await self.inference.EmbedImage(self.req.image(images, normalize, dtype),
-                                                       timeout=self.timeout_s))
+                                                       timeout=self.timeout_s, metadata=self.metadata))
 
     @_async_raises_tandem_errors
     async def classify(self, images: Sequence[ImageLike], labels: Sequence[str],
                        templates: Sequence[str] | None = None, top_k: int = 5) -> list[list[Label]]:
         return _labels(await self.inference.Classify(self.req.classify(images, labels, templates, top_k),
-                                                     timeout=self.timeout_s))
+                                                     timeout=self.timeout_s, metadata=self.metadata))
 
     @_async_raises_tandem_errors
     async def list_models(self) -> pb.ListModelsResponse:
-        return await self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
+        return await self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata)
 
     @_async_raises_tandem_errors
     async def get_model(self, model: str = "", version: str = "") -> pb.ModelInfo:
-        return await self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s)
+        return await self.models.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s, metadata=self.metadata)
 
     # -- collections ---------------------------------------------------------------
     @_async_raises_tandem_errors
     async def create_collection(self, name: str, model: str = "", version: str = "", index_spec: str = "",
                           metric: str = "cosine") -> pb.CollectionInfo:
         return await self.collections.CreateCollection(pb.CreateCollectionRequest(
-            name=name, model=model, version=version, index_spec=index_spec, metric=metric), timeout=self.timeout_s)
+            name=name, model=model, version=version, index_spec=index_spec, metric=metric), timeout=self.timeout_s, metadata=self.metadata)
 
     @_async_raises_tandem_errors
     async def list_collections(self) -> list[pb.CollectionInfo]:
-        return list((await self.collections.ListCollections(pb.ListCollectionsRequest(), timeout=self.timeout_s)).collections)
+        return list((await self.collections.ListCollections(pb.ListCollectionsRequest(), timeout=self.timeout_s, metadata=self.metadata)).collections)
 
     @_async_raises_tandem_errors
     async def get_collection(self, name: str) -> pb.CollectionInfo:
-        return await self.collections.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout_s)
+        return await self.collections.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout_s, metadata=self.metadata)
 
     @_async_raises_tandem_errors
     async def drop_collection(self, name: str) -> None:
-        await self.collections.DropCollection(pb.DropCollectionRequest(name=name), timeout=self.timeout_s)
+        await self.collections.DropCollection(pb.DropCollectionRequest(name=name), timeout=self.timeout_s, metadata=self.metadata)
 
     @_async_raises_tandem_errors
     async def rebuild(self, name: str) -> pb.CollectionInfo:
-        return await self.collections.Rebuild(pb.RebuildRequest(name=name), timeout=self.timeout_s)
+        return await self.collections.Rebuild(pb.RebuildRequest(name=name), timeout=self.timeout_s, metadata=self.metadata)
 
     @_async_raises_tandem_errors
     async def upsert(self, collection: str, items: Sequence[Mapping[str, Any]]) -> pb.UpsertResponse:
         """Store items; check `.results[i].code` (0 = stored) for each, or `.upserted` for the count."""
         return await self.collections.Upsert(pb.UpsertRequest(collection=collection, items=[_item(i) for i in items]),
-                                       timeout=self.timeout_s)
+                                       timeout=self.timeout_s, metadata=self.metadata)
 
     @_async_raises_tandem_errors
     async def delete(self, collection: str, ids: Sequence[str] | None = None, filter: str = "") -> pb.DeleteResponse:
-        return await self.collections.Delete(_delete_request(collection, ids, filter), timeout=self.timeout_s)
+        return await self.collections.Delete(_delete_request(collection, ids, filter), timeout=self.timeout_s, metadata=self.metadata)
 
     @_async_raises_tandem_errors
     async def get(self, collection: str, ids: Sequence[str], with_vectors: bool = False) -> GetResult:
         return _got(await self.collections.Get(pb.GetRequest(collection=collection, ids=list(ids),
-                                                       with_vectors=with_vectors), timeout=self.timeout_s),
+                                                       with_vectors=with_vectors), timeout=self.timeout_s, metadata=self.metadata),
                     with_vectors)
 
     @_async_raises_tandem_errors
@@ -478,7 +539,7 @@ class AsyncTandemClient:
                with_metadata: bool = True) -> list[list[Hit]]:
         """One list of hits (best first) per query."""
         return _hits(await self.collections.Search(_search_request(collection, queries, top_k, filter, exact,
-                                                             with_metadata), timeout=self.timeout_s))
+                                                             with_metadata), timeout=self.timeout_s, metadata=self.metadata))
 
     async def close(self) -> None:
         await self.channel.close()

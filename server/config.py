@@ -31,6 +31,17 @@ class ServerConfig:
     host: str = _f("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = _f(50051, "gRPC port")
     metrics_port: int = _f(9100, "Prometheus /metrics port (0 disables)")
+    metrics_host: str = _f("", "address /metrics listens on (empty: the same as host), e.g. an internal "
+                           "interface when gRPC is public")
+    reflection: bool = _f(True, "serve gRPC server reflection, for grpcurl and similar tools (with tokens on, "
+                          "it needs a valid token)")
+    tls_cert: str = _f("", "PEM certificate chain of the gRPC port: TLS on (with tls_key)")
+    tls_key: str = _f("", "PEM private key of tls_cert")
+    tls_client_ca: str = _f("", "PEM CA certificate(s): clients must present a certificate signed by one (mTLS)")
+    tokens_file: str = _f("", "bearer tokens with scopes, one 'NAME SCOPES TOKEN' per line, re-read when it "
+                          "changes or on SIGHUP (docs/security.md); or the TANDEM_TOKENS environment variable")
+    allow_insecure_public: bool = _f(False, "listen on a non-loopback host without TLS or without tokens "
+                                     "(logs a warning); off, the server refuses to start that way")
     device: str = _f("auto", "ONNX Runtime device: auto (CUDA when available), cpu or cuda")
     intra_op_threads: int = _f(0, "threads per ONNX Runtime run (0: ONNX Runtime's default, all cores)")
     inter_op_threads: int = _f(1, "ONNX Runtime inter-op threads")
@@ -103,6 +114,11 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
         if args is not None and (raw := getattr(args, name, None)) is not None:
             values[name] = _convert(f.type, raw, "--" + name.replace("_", "-"))
     config = ServerConfig(**values)
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("TLS needs both tls_cert and tls_key (PEM files), got only "
+                         + ("tls_cert" if config.tls_cert else "tls_key"))
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("tls_client_ca (mTLS) needs TLS on: set tls_cert and tls_key too")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
     if config.max_items_per_request > config.max_queue_rows:
