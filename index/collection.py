@@ -128,6 +128,7 @@ class Collection:
         self.indexed_seq = 0
         self.snapshot_seq = 0
         self.kind = "Flat"
+        self.device = "cpu"  # where searches run
         self.nprobe = 0
         self._changes_since_snapshot = 0
         self._background: threading.Thread | None = None

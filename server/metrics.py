@@ -9,7 +9,10 @@ collection's name).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -31,6 +34,32 @@ MODEL_INFO = Gauge(
     "tandem_model_info", "Loaded models (value 1) and where they run", ["model", "version", "kind", "provider"]
 )
 ZERO_SHOT_CACHE = Counter("tandem_zero_shot_cache_total", "Label-embedding cache lookups", ["result"])
-COLLECTION_ITEMS = Gauge("tandem_collection_items", "Items stored per collection", ["collection"])
-COLLECTION_INFO = Gauge("tandem_collection_info", "Collections (value 1): where they search and with which index",
-                        ["collection", "device", "index_kind"])
+
+
+class _CollectionGauges:
+    """tandem_collection_items and tandem_collection_info, read from the open collections at scrape time, so
+    writes and searches pay nothing for them and they are never stale (an index trained in the background
+    changes its kind)."""
+
+    def __init__(self) -> None:
+        self.collections: dict[str, Any] = {}  # name -> index.collection.Collection (count(), kind, device)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        return list(self._families(list(self.collections.items())))
+
+    @staticmethod
+    def _families(open_: list[tuple[str, Any]] = ()) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:  # type: ignore[assignment]
+        items = GaugeMetricFamily("tandem_collection_items", "Items stored per collection", labels=["collection"])
+        info = GaugeMetricFamily("tandem_collection_info", "Collections (value 1): where they search and with "
+                                 "which index", labels=["collection", "device", "index_kind"])
+        for name, c in open_:
+            items.add_metric([name], c.store.count())
+            info.add_metric([name, c.device, c.kind], 1)
+        return items, info
+
+
+COLLECTIONS = _CollectionGauges()
+REGISTRY.register(COLLECTIONS)

@@ -119,7 +119,34 @@ def test_upsert_replaces_and_delete_removes(shapes_server) -> None:  # type: ign
         hits = c.search("vectors", v[1], top_k=3)[0]
         info = c.get_collection("vectors")
         c.drop_collection("vectors")
-    assert [h.id for h in hits] == ["v2"] and info.count == 1
+    assert [h.id for h in hits] == ["v2"] and info.count == 1  # 3 stored, v0 replaced, v1 and v0 deleted
+
+
+def test_hits_carry_the_metadata_of_the_collection_they_come_from(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    """Search hits' metadata is cached by rowid; a dropped and re-created collection reuses rowids, and an
+    upsert of a stored id gets a new rowid: neither may answer stale metadata."""
+    v = np.eye(64, dtype=np.float32)[:2]
+    with TandemClient(shapes_server.target) as c:
+        for generation in range(2):
+            c.create_collection("again", metric="ip")
+            c.upsert("again", [{"id": f"g{generation}", "vector": v[0], "metadata": {"generation": generation}}])
+            first = c.search("again", v[0], top_k=1)[0]
+            c.upsert("again", [{"id": f"g{generation}", "vector": v[0], "metadata": {"generation": 10 + generation}}])
+            replaced = c.search("again", v[0], top_k=1)[0]
+            c.drop_collection("again")
+            assert [(h.id, h.metadata) for h in first] == [(f"g{generation}", {"generation": generation})]
+            assert [(h.id, h.metadata) for h in replaced] == [(f"g{generation}", {"generation": 10 + generation})]
+
+
+def test_metadata_cache_is_bounded_in_bytes() -> None:
+    from server.collections import MetadataCache
+
+    cache = MetadataCache(max_bytes=10_000)
+    for rowid in range(1000):
+        data = cache.get(rowid, f'{{"text": "{"x" * 100}", "n": {rowid}}}')
+        assert pb.Hit(metadata=None).metadata.FromString(data)["n"] == rowid
+        assert cache.bytes <= 10_000
+    assert cache.get(999, "{}") != cache.get(0, "{}")  # 999 is still cached (its own JSON), 0 was evicted
 
 
 def test_lifecycle_and_describe(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
