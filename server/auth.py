@@ -179,10 +179,8 @@ class TokenStore:
         return True
 
     def _reload_if_changed(self) -> None:
-        now = time.monotonic()
-        if self.path is None or now < self._next_check:
-            return
-        self._next_check = now + RECHECK_FILE_S
+        assert self.path is not None
+        self._next_check = time.monotonic() + RECHECK_FILE_S
         try:
             st = os.stat(self.path)
         except OSError:
@@ -190,17 +188,23 @@ class TokenStore:
         if (st.st_mtime_ns, st.st_size, st.st_ino) != self._signature:
             self.reload()
 
-    def authorize(self, metadata: Iterable[tuple[str, str | bytes]] | None, need: str, method: str
+    def authorize(self, metadata: Iterable[tuple[str, str]] | None, need: str, method: str
                   ) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and a message (which never holds the token)."""
-        self._reload_if_changed()
-        header = next((value for key, value in metadata or () if key == "authorization"), None)
+        if self.path is not None and time.monotonic() >= self._next_check:
+            self._reload_if_changed()
+        header = None
+        for key, value in metadata or ():  # a loop: half the cost of next(generator)
+            if key == "authorization":
+                header = value
+                break
         if header is None:
             return Code.UNAUTHENTICATED, MISSING
-        scheme, _, secret = (header.decode() if isinstance(header, bytes) else header).partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
+        scheme, _, secret = header.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
             return Code.UNAUTHENTICATED, MALFORMED
-        token = self.tokens.get(_digest(secret.strip()))
+        token = self.tokens.get(_digest(secret))
         if token is None:
             return Code.UNAUTHENTICATED, UNKNOWN
         if need == ANY or need in token.scopes:

@@ -190,7 +190,7 @@ class _Access:
 
     def credentials(self) -> grpc.ChannelCredentials:
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("a client certificate needs both tls_cert and tls_key")
+            raise ValueError("a client certificate needs both tls_cert and tls_key (--tls-cert and --tls-key)")
 
         def read(path: str | Path | None) -> bytes | None:
             return Path(path).read_bytes() if path else None

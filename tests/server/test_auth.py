@@ -449,3 +449,28 @@ def test_cli_token_from_flag_or_environment(token_server, monkeypatch, capsys) -
     assert tandem(["embed", "--server", token_server.target, "--text", "hi"]) == 0
     assert tandem(["index", "list", "--server", token_server.target]) == 1
     assert "PERMISSION_DENIED" in capsys.readouterr().err
+
+
+# -- docs/security.md -------------------------------------------------------------------------------------------------
+
+DOC = (ROOT / "docs" / "security.md").read_text()
+
+
+def test_the_documented_token_file_is_valid() -> None:
+    example = DOC.split("### The token file", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    tokens = auth.parse_tokens(example, "docs/security.md")
+    assert {t.name: sorted(t.scopes) for t in tokens.values()} == {
+        "frontend": ["infer"], "search-ui": ["infer", "read"], "ingest-job": ["read", "write"],
+        "ops": ["admin", "infer", "read", "write"]}
+
+
+def test_the_documented_scopes_table_is_method_scopes() -> None:
+    table = DOC.split("### Scopes", 1)[1].split("\n\n", 2)[1]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        who, methods = (cell.strip() for cell in row.strip("|").split("|"))
+        scope = {"any valid token": auth.ANY, "no token": auth.OPEN}.get(who, who.strip("`"))
+        for method in re.findall(r"`(\w+/\w+)`", methods):
+            documented[method] = scope
+    listed = {m.rsplit(".", 1)[-1]: s for m, s in auth.METHOD_SCOPES.items() if m.startswith("/tandem.v1.")}
+    assert documented == listed
