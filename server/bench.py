@@ -333,7 +333,7 @@ def server_delta(before: Samples, after: Samples, models: set[str]) -> dict[str,
         batches = int(round(previous_count))
         rows = sum(v for (n, lab), v in delta.items() if n == "tandem_batch_size_sum" and dict(lab).get("tower") ==
                    tower and ours(dict(lab)))
-        batch_sizes[tower] = {"batches": batches, "mean": rows / batches if batches else 0.0,
+        batch_sizes[tower] = {"batches": batches, "rows": int(round(rows)), "mean": rows / batches if batches else 0.0,
                               "histogram": histogram}
     return {
         "batch_sizes": batch_sizes,
@@ -704,7 +704,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         if reference:
             for x in range(x0, x0 + pw, 12):
                 d.line((x, py(reference), min(x + 6, x0 + pw), py(reference)), fill=(200, 60, 40), width=2)
-            d.text((x0 + pw - 4, py(reference) - 4), f"raw ONNX Runtime best batch {reference:,.0f}/s",
+            what = "raw ONNX Runtime best batch" + (" (this mix)" if len(report["raw"]) > 1 else "")
+            d.text((x0 + pw - 4, py(reference) - 4), f"{what} {reference:,.0f}/s",
                    fill=(200, 60, 40), font=small, anchor="rb")
         points = [(px(c), py(v)) for c, v in zip(xs, ys)]
         if len(points) > 1:

@@ -1,0 +1,112 @@
+"""`tandem bench` end to end: the shipped default model on a real server, real gRPC, the server's real Prometheus
+page, real ONNX Runtime for the raw baseline. Assertions are on what the report says, never on speed."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from prometheus_client import start_http_server
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+from server import bench
+from tests.conftest import SHIPPED_MODELS
+
+
+@pytest.fixture(scope="module")
+def metrics_url():  # type: ignore[no-untyped-def]
+    """The in-process test server's metrics (the default registry) on a free port, as `tandem serve` exposes them."""
+    httpd, _ = start_http_server(0, addr="127.0.0.1")
+    yield f"http://127.0.0.1:{httpd.server_port}/metrics"
+    httpd.shutdown()
+
+
+def parse(*argv: str):  # type: ignore[no-untyped-def]
+    return bench.build_parser().parse_args(["bench", *argv])
+
+
+def test_a_short_sweep_reports_throughput_latency_batches_stages_and_the_raw_ratio(
+        default_server, metrics_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = parse("--server", default_server.target, "--metrics-url", metrics_url, "--models", str(SHIPPED_MODELS),
+                 "--concurrency", "1,4", "--duration", "1.5", "--warmup", "0.3", "--mix", "text=1,image=1",
+                 "--raw-seconds", "0.6", "--json", str(out), "--plot", str(png))
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+
+    assert report["model"]["name"] == "tandem-shapes"
+    for tower in ("text", "image"):
+        raw = report["raw"][tower]
+        assert raw["items_per_s"] == max(raw["by_batch"].values()) > 0
+    assert [s["concurrency"] for s in report["steps"]] == [1, 4]
+    for step in report["steps"]:
+        assert step["items"] > 0 and step["errors"] == {}
+        assert set(step["by_kind"]) == {"text", "image"}
+        lat = step["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert step["server_over_raw"] > 0
+        # The window's batches hold exactly the items the clients had answered, tower by tower: the deltas are
+        # taken with nothing in flight, and warm-up requests are not in them.
+        batches = step["server"]["batch_sizes"]
+        for tower in ("text", "image"):
+            assert batches[tower]["rows"] == step["by_kind"][tower]["items"]
+            assert sum(batches[tower]["histogram"].values()) == batches[tower]["batches"] > 0
+        stages = step["server"]["stages"]
+        for stage in ("text/tokenize", "text/queue", "text/inference", "image/decode", "image/preprocess",
+                      "image/inference"):
+            assert stages[stage]["count"] > 0 and stages[stage]["mean_ms"] > 0
+        assert step["server"]["requests"]["EmbedText OK"] == step["by_kind"]["text"]["requests"]
+    printed = capsys.readouterr().out
+    assert "| concurrency | requests/s | items/s |" in printed and "### Batch sizes" in printed
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 600
+
+
+def test_search_requests_go_to_the_collection_and_its_batcher(default_server, metrics_url: str, tmp_path: Path
+                                                               ) -> None:
+    stub = pb_grpc.CollectionsStub(default_server.channel())
+    stub.CreateCollection(pb.CreateCollectionRequest(name="bench-shapes"), timeout=30)
+    stub.Upsert(pb.UpsertRequest(collection="bench-shapes", items=[
+        pb.Item(id=f"t{i}", text=t) for i, t in enumerate(("a red circle", "a blue square", "a green cross"))]),
+        timeout=30)
+    out = tmp_path / "bench.json"
+    args = parse("--server", default_server.target, "--metrics-url", metrics_url, "--no-raw", "--concurrency", "2",
+                 "--duration", "0.5", "--warmup", "0", "--mix", "search", "--collection", "bench-shapes",
+                 "--items", "2", "--json", str(out))
+    assert bench.main(args) == 0
+    step = json.loads(out.read_text())["steps"][0]
+    assert step["errors"] == {} and step["by_kind"]["search"]["items"] == step["items"] > 0
+    assert step["server_over_raw"] is None
+    assert step["server"]["requests"]["Search OK"] == step["requests"]
+    assert step["server"]["batch_sizes"]["text"]["rows"] == step["items"]  # the queries' texts, embedded
+
+
+def test_no_server_at_the_address_is_a_readable_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nobody listens there
+    assert bench.main(parse("--server", f"127.0.0.1:{port}", "--connect-timeout", "5")) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach a Tandem server at 127.0.0.1:{port}" in err and "tandem serve" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--server", "localhost"], "give HOST:PORT"),
+    (["--mix", "text=1,video=2"], "unknown request kind 'video'"),
+    (["--mix", "text=0"], "no kind a weight above 0"),
+    (["--concurrency", "1,0"], "numbers >= 1"),
+])
+def test_bad_options_say_what_to_give(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_search_without_a_collection_is_refused_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(parse("--server", "127.0.0.1:1", "--mix", "search")) == 2
+    assert "--collection" in capsys.readouterr().err
