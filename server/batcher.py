@@ -62,6 +62,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._labels = labels
+        self.last_run_s = float("inf")  # how long the latest model run took (inf: none yet)
 
     def start(self) -> None:
         if self._task is None:
@@ -84,6 +85,21 @@ class Batcher:
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no run in progress."""
+        return not self._queue and not self._running
+
+    def run_inline(self, rows: np.ndarray) -> np.ndarray:
+        """Run `rows` at once in the calling thread (the event loop), skipping the queue and the thread hop.
+        Only for a lone caller of a run known to be short (see last_run_s): the loop serves no one meanwhile."""
+        metrics.BATCH_SIZE.labels(*self._labels).observe(len(rows))
+        started = time.perf_counter()
+        out = self._run(rows)
+        self.last_run_s = time.perf_counter() - started
+        metrics.STAGE_SECONDS.labels("inference", *self._labels).observe(self.last_run_s)
+        return out
 
     async def submit(self, rows: np.ndarray) -> np.ndarray:
         """Run `rows` ([n, ...]) through the model; returns [n, dim] in order."""
@@ -168,7 +184,8 @@ class Batcher:
                 metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
                 continue
             self._running = []
-            metrics.STAGE_SECONDS.labels("inference", *self._labels).observe(time.perf_counter() - started)
+            self.last_run_s = time.perf_counter() - started
+            metrics.STAGE_SECONDS.labels("inference", *self._labels).observe(self.last_run_s)
             cursor = 0
             for p, a, b in taken:
                 p.done_rows.append(out[cursor : cursor + b - a])

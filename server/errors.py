@@ -23,6 +23,12 @@ log = logging.getLogger("tandem.server")
 Code = grpc.StatusCode
 T = TypeVar("T")
 
+_in_flight = 0  # Tandem RPCs being handled right now (all run on the one event loop: no lock needed)
+
+
+def in_flight() -> int:
+    return _in_flight
+
 
 class ApiError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
@@ -52,6 +58,7 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
     def wrap(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(handler)
         async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+            global _in_flight
             started = time.perf_counter()
 
             def record(code: grpc.StatusCode) -> None:
@@ -59,6 +66,7 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
                 metrics.REQUESTS.labels(method, code.name).inc()
                 metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
 
+            _in_flight += 1
             try:
                 response = await handler(self, request, context)
             except ApiError as e:
@@ -75,6 +83,8 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
                 log.exception("%s failed", method)
                 record(Code.INTERNAL)
                 await context.abort(Code.INTERNAL, f"{method} failed inside the server; the error is in the server log")
+            finally:
+                _in_flight -= 1
             record(Code.OK)
             return response
 

@@ -326,3 +326,22 @@ def test_stop_fails_queued_and_running_requests_and_empties_the_queue() -> None:
             assert model.batches == [[10.0, 11.0], span(30, 2), span(32, 2)]
 
     run(main)
+
+
+def test_idle_only_when_nothing_is_queued_or_running_and_inline_runs_skip_the_queue() -> None:
+    """The search path runs a lone request inline when the batcher is idle (server/collections.py)."""
+    async def main() -> None:
+        async with batcher(held=True, max_batch_size=8, max_queue_delay_us=0) as (model, b):
+            assert b.idle and b.last_run_s == float("inf")
+            busy = await occupy(model, b, [1.0])
+            assert not b.idle  # a run in progress
+            queued = await enqueue(b, [2.0])
+            assert not b.idle
+            model.release()
+            np.testing.assert_array_equal(await result(busy), doubled([1.0]))
+            np.testing.assert_array_equal(await result(queued), doubled([2.0]))
+            await until(lambda: b.idle, "the batcher idle again")
+            np.testing.assert_array_equal(b.run_inline(rows(5.0, 6.0)), doubled([5.0, 6.0]))
+            assert model.batches[-1] == [5.0, 6.0] and 0 <= b.last_run_s < GUARD_S
+
+    run(main)

@@ -149,6 +149,31 @@ def test_metadata_cache_is_bounded_in_bytes() -> None:
     assert cache.get(999, "{}") != cache.get(0, "{}")  # 999 is still cached (its own JSON), 0 was evicted
 
 
+def test_lone_and_concurrent_searches_answer_the_same(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    """A lone search runs on the event loop; concurrent ones go through the search batcher (whose batches
+    tests/server/test_batcher.py checks). Both paths give the same answers."""
+    import asyncio
+
+    from server.client import AsyncTandemClient
+
+    queries = np.random.default_rng(5).standard_normal((12, 64)).astype(np.float32)
+    with TandemClient(shapes_server.target) as c:
+        alone = [c.search("shapes", q, top_k=5)[0] for q in queries]
+
+    async def together() -> list:  # type: ignore[type-arg]
+        clients = [AsyncTandemClient(shapes_server.target) for _ in queries]
+        try:
+            await asyncio.gather(*(cl.get_collection("shapes") for cl in clients))  # connected before the burst
+            return await asyncio.gather(*(cl.search("shapes", q, top_k=5) for cl, q in zip(clients, queries)))
+        finally:
+            await asyncio.gather(*(cl.close() for cl in clients))
+
+    concurrent = [r[0] for r in asyncio.run(together())]
+    assert [[(h.id, h.metadata, round(h.score, 5)) for h in r] for r in concurrent] == \
+        [[(h.id, h.metadata, round(h.score, 5)) for h in r] for r in alone]
+    assert all(len(r) == 5 for r in alone)
+
+
 def test_lifecycle_and_describe(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
     with TandemClient(shapes_server.target) as c:
         info = c.get_collection("shapes")
