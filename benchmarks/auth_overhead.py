@@ -22,6 +22,12 @@ tokens, measured in the same run.
     per call over all rounds (utime + stime from /proc, measured calls only). On a busy
     host the end-to-end figures move by tens of microseconds from run to run:
     (i) is the precise number.
+
+(iii) Where it goes: the same rounds against four echo servers (a method that
+    returns its 1-byte request; no Tandem code): no interceptor, without and
+    with the authorization metadata sent; an interceptor that only passes;
+    TokenAuth with the token sent. This splits the cost of (ii) into carrying
+    the metadata, grpc.aio's interceptor chain, and the check itself.
 """
 
 from __future__ import annotations
@@ -201,17 +207,88 @@ def over_grpc(rounds: int, calls: int) -> None:
               f"{s.cpu / s.calls * 1e6:19.1f} {(s.cpu / s.calls - base.cpu / base.calls) * 1e6:+8.1f}")
 
 
+ECHO_VARIANTS = {"none": "no interceptor", "pass": "interceptor that passes", "token": "TokenAuth"}
+
+
+def echo_server(variant: str, port: int) -> None:
+    """An aio server whose one method /bench.Echo/Call returns its request bytes, with ECHO_VARIANTS[variant]."""
+
+    class Pass(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+            return await continuation(details)
+
+    async def echo(request: bytes, _context: object) -> bytes:
+        return request
+
+    auth.METHOD_SCOPES["/bench.Echo/Call"] = "infer"
+    interceptors = {"none": [], "pass": [Pass()],
+                    "token": [auth.TokenAuth(auth.TokenStore(text=token_lines(10)))]}[variant]
+
+    async def run() -> None:
+        server = grpc.aio.server(interceptors=interceptors)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)})])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def where_it_goes(rounds: int, calls: int) -> None:
+    """The same comparison on an echo method, to split the cost: metadata on the wire, interceptor, check."""
+    cases = [("none", False), ("none", True), ("pass", False), ("token", True)]
+    procs, stubs = [], []
+    for variant, _ in cases:
+        port = free_port()
+        procs.append(subprocess.Popen([sys.executable, __file__, "--echo-server", variant, str(port)]))
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stubs.append(channel.unary_unary("/bench.Echo/Call"))
+    p50s: list[list[float]] = [[] for _ in cases]
+    cpus = [0.0] * len(cases)
+    try:
+        for _ in range(rounds):
+            for i, ((_, send_token), call) in enumerate(zip(cases, stubs)):
+                metadata = (("authorization", f"Bearer {TOKEN}"),) if send_token else ()
+                for _ in range(50):
+                    call(b"x", metadata=metadata)
+                latencies = []
+                cpu = cpu_seconds(procs[i].pid)
+                for _ in range(calls):
+                    started = time.perf_counter()
+                    call(b"x", metadata=metadata)
+                    latencies.append(time.perf_counter() - started)
+                cpus[i] += cpu_seconds(procs[i].pid) - cpu
+                p50s[i].append(statistics.median(latencies))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    n = rounds * calls
+    print(f"\nAn echo method (1-byte request), {rounds} rounds x {calls} calls per server, one client")
+    print(f"{'server':24} {'token sent':>10} {'p50 us':>8} {'added':>8} {'server CPU us/call':>19} {'added':>8}")
+    for i, (variant, send_token) in enumerate(cases):
+        added = statistics.median(a - b for a, b in zip(p50s[i], p50s[0]))
+        print(f"{ECHO_VARIANTS[variant]:24} {'yes' if send_token else 'no':>10} {statistics.median(p50s[i]) * 1e6:8.1f} "
+              f"{added * 1e6:+8.1f} {cpus[i] / n * 1e6:19.1f} {(cpus[i] - cpus[0]) / n * 1e6:+8.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--calls", type=int, default=500, help="calls per server per round")
     p.add_argument("--quick", action="store_true", help="4 rounds x 400 calls")
+    p.add_argument("--echo-server", nargs=2, metavar=("VARIANT", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.echo_server:
+        return echo_server(args.echo_server[0], int(args.echo_server[1]))
     if args.quick:
         args.rounds, args.calls = 4, 400
     print(f"python {sys.version.split()[0]}, grpcio {grpc.__version__}, {os.cpu_count()} cores")
     check_alone()
     over_grpc(args.rounds, args.calls)
+    where_it_goes(args.rounds, args.calls)
 
 
 if __name__ == "__main__":
