@@ -38,6 +38,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import gpu
 from .store import Store, Written, connect
 
 log = logging.getLogger("tandem.index")
@@ -52,6 +53,9 @@ TARGET_RECALL = 0.97
 SNAPSHOT_EVERY_CHANGES = 20_000
 STORE_FILE, SNAPSHOT_FILE = "store.sqlite", "snapshot.json"
 SEARCH_THREADS = os.cpu_count() or 1
+# Deleted items wait as tombstones in the index; past this share of it a background rebuild compacts them away.
+COMPACT_DELETED_FRACTION = 0.1
+COMPACT_MIN_DELETED = 1000
 
 
 class CollectionError(ValueError):
@@ -117,37 +121,42 @@ def _auto_nlist(n: int) -> int:
 class Collection:
     """Thread-safe: searches and index updates take `_lock`; the store serialises writes."""
 
-    def __init__(self, folder: Path, spec: Spec, snapshot_every: int = SNAPSHOT_EVERY_CHANGES):
+    def __init__(self, folder: Path, spec: Spec, snapshot_every: int = SNAPSHOT_EVERY_CHANGES, device: str = "auto"):
+        """`device`: "cpu", or "auto"/"cuda" to search a GPU copy of the index when FAISS can (index/gpu.py)."""
         self.folder, self.spec, self.snapshot_every = Path(folder), spec, snapshot_every
+        self._use_gpu = device != "cpu" and gpu.available()
         self._lock = threading.RLock()
         self._snapshot_lock = threading.Lock()
         self._background_lock = threading.Lock()
         self._tombstones: set[int] = set()
+        self._dead: np.ndarray | None = None  # the tombstones as a sorted array (built when needed)
         self._selector: faiss.IDSelector | None = None
         self._selector_keep: list[object] = []  # objects the selector points into
         self.indexed_seq = 0
         self.snapshot_seq = 0
         self.kind = "Flat"
-        self.device = "cpu"  # where searches run
+        self.device = "cpu"  # where unfiltered searches run: "cuda" while a GPU copy of the index exists
+        self.replica: faiss.Index | None = None  # that GPU copy
         self.nprobe = 0
         self._changes_since_snapshot = 0
         self._background: threading.Thread | None = None
         self._closed = False
         self.index = self._new_index("Flat")
+        self.replica = self._device_copy(self.index, 0)
         self.store = Store(self.folder / STORE_FILE, spec.dim, on_commit=self._apply)
 
     # -- creation and recovery -----------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, spec: Spec) -> Collection:
+    def create(cls, folder: Path, spec: Spec, device: str = "auto") -> Collection:
         check_spec(spec.dim, spec.index_spec, spec.metric)
         folder.mkdir(parents=True)
-        c = cls(folder, spec)
+        c = cls(folder, spec, device=device)
         c.store.set_meta({"spec": json.dumps(asdict(spec)), "seq": "0"})
         c._maybe_train_in_background()
         return c
 
     @classmethod
-    def open(cls, folder: Path, snapshot_every: int = SNAPSHOT_EVERY_CHANGES) -> Collection:
+    def open(cls, folder: Path, snapshot_every: int = SNAPSHOT_EVERY_CHANGES, device: str = "auto") -> Collection:
         db = connect(folder / STORE_FILE)
         try:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
@@ -157,7 +166,7 @@ class Collection:
             db.close()
         if "spec" not in meta:
             raise CollectionError(f"{folder}: no collection spec in {STORE_FILE}; the folder is not a collection")
-        c = cls(folder, Spec(**json.loads(meta["spec"])), snapshot_every)
+        c = cls(folder, Spec(**json.loads(meta["spec"])), snapshot_every, device)
         c._recover()
         return c
 
@@ -165,12 +174,14 @@ class Collection:
         started = time.perf_counter()
         loaded = self._load_snapshot()
         with self._lock:
+            self.replica = None  # copied to the GPU once the index is whole
             for rowids, vectors in self.store.scan(after_seq=self.snapshot_seq if loaded else 0):
                 self._add(rowids, vectors)
             # Every deletion the store remembers: snapshots keep deleted ids (tombstones) until a rebuild.
             self._tombstones = set(self.store.deleted_after(0).tolist())
-            self._selector = None
+            self._selector = self._dead = None
             self.indexed_seq = self.store.last_seq()
+            self.replica = self._device_copy(self.index, self.nprobe, self.kind)
         log.info("collection %s: %d items, %s index%s, recovered in %.2f s (snapshot at seq %d, store at seq %d)",
                  self.spec.name, self.store.count(), self.kind, "" if self.trained else " (waiting to train: exact)",
                  time.perf_counter() - started, self.snapshot_seq if loaded else 0, self.indexed_seq)
@@ -205,9 +216,26 @@ class Collection:
         if self.nprobe:
             faiss.extract_index_ivf(self.index).nprobe = self.nprobe
 
-    def _add(self, rowids: np.ndarray, vectors: np.ndarray) -> None:
+    def _device_copy(self, index: faiss.Index, nprobe: int, kind: str = "Flat") -> faiss.Index | None:
+        """A GPU copy of `index` to search, when this collection searches on a GPU (None otherwise)."""
+        if not self._use_gpu:
+            return None
+        try:
+            replica = gpu.to_device(index, nprobe)
+        except RuntimeError as e:  # no GPU version of this index type (HNSW, ...): the CPU answers
+            log.warning("collection %s: %s cannot search on the GPU (%s); searching on the CPU", self.spec.name,
+                        kind, str(e).strip().splitlines()[-1] if str(e).strip() else e)
+            replica = None
+        self.device = "cuda" if replica is not None else "cpu"
+        return replica
+
+    def _add(self, rowids: np.ndarray, vectors: np.ndarray, to: tuple[faiss.Index | None, ...] = ()) -> None:
+        """Add to the index and its GPU copy (or to the indexes `to`, for one being built)."""
         if len(rowids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), rowids.astype(np.int64))
+            x, ids = np.ascontiguousarray(vectors, np.float32), rowids.astype(np.int64)
+            for index in to or (self.index, self.replica):
+                if index is not None:
+                    index.add_with_ids(x, ids)
 
     def _apply(self, batch: list[Written]) -> None:
         """Committed writes, in commit order (runs in the store's writer thread)."""
@@ -217,18 +245,23 @@ class Collection:
                     self._add(np.array([r for r, _ in w.added], np.int64), np.stack([v for _, v in w.added]))
                 if w.removed:
                     self._tombstones.update(w.removed)
-                    self._selector = None
+                    self._selector = self._dead = None
                 self.indexed_seq = w.seq
                 self._changes_since_snapshot += len(w.added) + len(w.removed)
         if self._changes_since_snapshot >= self.snapshot_every:
             self._maybe_snapshot_in_background()
         self._maybe_train_in_background()
 
+    def _dead_ids(self) -> np.ndarray:
+        if self._dead is None:
+            self._dead = np.sort(np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
+        return self._dead
+
     def _alive_selector(self) -> faiss.IDSelector | None:
         if not self._tombstones:
             return None
         if self._selector is None:
-            ids = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
+            ids = self._dead_ids()
             batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
             self._selector_keep = [ids, batch]
             self._selector = faiss.IDSelectorNot(batch)
@@ -260,9 +293,23 @@ class Collection:
             return (*self._exact_all(q, k), True)
         with self._lock:
             if where is None:
+                if self.replica is not None and k + len(self._tombstones) <= gpu.MAX_K:
+                    return (*self._search_replica(q, k), not self._approximate)
                 sel = self._alive_selector()
             d, i = self.index.search(q, k, params=self._params(sel) if sel is not None else None)
             return (*self._scores(d, i), not self._approximate)
+
+    def _search_replica(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the GPU copy, which takes no IDSelector: ask for k more hits per tombstone, drop the deleted
+        ones, keep the best k alive ones in order (padding with -inf / -1 when fewer are left)."""
+        dead = len(self._tombstones)
+        d, i = self._scores(*self.replica.search(q, k + dead))  # type: ignore[union-attr]
+        if dead:
+            gone = np.isin(i, self._dead_ids())
+            d[gone], i[gone] = -np.inf, -1
+            order = np.argsort(gone, axis=1, kind="stable")[:, :k]  # alive first, each group in score order
+            d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        return d, i
 
     @property
     def _approximate(self) -> bool:
@@ -334,12 +381,15 @@ class Collection:
         return t is not None and t.is_alive() and t is not threading.current_thread()
 
     def _maybe_train_in_background(self) -> None:
+        """Train the real index once there are enough vectors; compact once too many are deleted."""
         with self._background_lock:  # the writer thread and a finishing background thread may both ask
             if self._closed or self._busy():
                 return
             target = self._target_factory(self.store.count())
             if target is not None:
                 self._start_background(lambda: self.rebuild(target), f"train-{self.spec.name}")
+            elif len(self._tombstones) >= max(COMPACT_MIN_DELETED, COMPACT_DELETED_FRACTION * self.index.ntotal):
+                self._start_background(self.rebuild, f"compact-{self.spec.name}")
 
     def _maybe_snapshot_in_background(self) -> None:
         with self._background_lock:
@@ -381,14 +431,15 @@ class Collection:
             index.add_with_ids(vectors, rowids)
         if faiss.try_extract_index_ivf(index.index) is not None:
             nprobe = self._tune_nprobe(index, seq0)  # a factory string cannot say nprobe; FAISS's default of 1 is poor
+        replica = self._device_copy(index, nprobe, factory)  # before the lock: copying to the GPU takes a while
         with self._lock:
             # Writes applied while building; those committed but not applied yet reach the new index via _apply.
             for rowids, vectors in self.store.scan(after_seq=seq0, up_to_seq=self.indexed_seq):
-                index.add_with_ids(vectors, rowids)
-            self.index, self.kind, self.nprobe = index, factory, nprobe
+                self._add(rowids, vectors, to=(index, replica))
+            self.index, self.replica, self.kind, self.nprobe = index, replica, factory, nprobe
             self._set_nprobe()
             self._tombstones = set(self.store.deleted_after(seq0).tolist()) & self._tombstones
-            self._selector = None
+            self._selector = self._dead = None
         log.info("collection %s: built %s over %d items in %.1f s%s", self.spec.name, factory, index.ntotal,
                  time.perf_counter() - started, f", nprobe {nprobe}" if nprobe else "")
         self.snapshot()
@@ -448,7 +499,7 @@ class Collection:
     # -- describe, close ---------------------------------------------------------------
     def describe(self) -> dict[str, object]:
         with self._lock:
-            return {"count": self.store.count(), "index_kind": self.kind, "trained": self.trained,
+            return {"count": self.store.count(), "index_kind": self.kind, "trained": self.trained, "device": self.device,
                     "exact": not self._approximate, "durable_seq": self.indexed_seq,
                     "snapshot_seq": self.snapshot_seq, "deleted_pending": len(self._tombstones)}
 

@@ -28,9 +28,10 @@ class CollectionExists(ValueError):
 
 
 class Collections:
-    def __init__(self, data_dir: Path, snapshot_every: int = 20_000):
+    def __init__(self, data_dir: Path, snapshot_every: int = 20_000, device: str = "auto"):
+        """`device`: "cpu", or "auto"/"cuda" to search on a GPU when FAISS can (index/gpu.py)."""
         self.root = Path(data_dir) / "collections"
-        self.snapshot_every = snapshot_every
+        self.snapshot_every, self.device = snapshot_every, device
         self._by_name: dict[str, Collection] = {}
         self._lock = threading.Lock()
 
@@ -43,7 +44,7 @@ class Collections:
                 continue
             if folder.is_dir():
                 try:
-                    self._by_name[folder.name] = Collection.open(folder, self.snapshot_every)
+                    self._by_name[folder.name] = Collection.open(folder, self.snapshot_every, self.device)
                 except Exception as e:
                     raise RuntimeError(f"collection {folder.name} in {folder} could not be opened: {e}. Its data is in "
                                        f"{folder / 'store.sqlite'}; move the folder away to start without it") from e
@@ -54,10 +55,10 @@ class Collections:
             if spec.name in self._by_name:
                 raise CollectionExists(f"collection {spec.name!r} exists already; drop it first or pick another name")
             tmp = self.root / f".creating-{spec.name}-{os.getpid()}-{time.monotonic_ns()}"
-            Collection.create(tmp, spec).close(snapshot=False)
+            Collection.create(tmp, spec, device="cpu").close(snapshot=False)
             final = self.root / spec.name
             os.replace(tmp, final)  # the collection exists from here on, whole
-            c = Collection.open(final, self.snapshot_every)
+            c = Collection.open(final, self.snapshot_every, self.device)
             self._by_name[spec.name] = c
             return c
 

@@ -37,7 +37,7 @@ class TandemServer:
         check_exposure(config, self.tokens)
         credentials = server_credentials(config)
         self.registry = Registry(config)
-        self.collections = Collections(Path(config.data_dir), config.snapshot_every_changes)
+        self.collections = Collections(Path(config.data_dir), config.snapshot_every_changes, config.device)
         self.health = health.aio.HealthServicer()
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -87,8 +87,9 @@ class TandemServer:
         await loop.run_in_executor(None, self.collections.load)
         for c in self.collections.all():
             observe(c)
-        if self.collections.all():
-            log.info("collections search on the CPU (GPU search is not implemented yet)")
+        for c in self.collections.all():
+            log.info("collection %s: %d items, %s index, searching on the %s", c.spec.name, c.store.count(), c.kind,
+                     "GPU" if c.device == "cuda" else "CPU")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %d model(s), %d collection(s); default model %s/%s", len(self.registry.all()),
                  len(self.collections.all()), *self.registry.default)

@@ -42,7 +42,8 @@ class ServerConfig:
                           "changes or on SIGHUP (docs/security.md); or the TANDEM_TOKENS environment variable")
     allow_insecure_public: bool = _f(False, "listen on a non-loopback host without TLS or without tokens "
                                      "(logs a warning); off, the server refuses to start that way")
-    device: str = _f("auto", "ONNX Runtime device: auto (CUDA when available), cpu or cuda")
+    device: str = _f("auto", "where models run (ONNX Runtime) and collections search (FAISS): auto (the GPU when "
+                     "available: onnxruntime-gpu, faiss-gpu), cpu or cuda")
     intra_op_threads: int = _f(0, "threads per ONNX Runtime run (0: ONNX Runtime's default, all cores)")
     inter_op_threads: int = _f(1, "ONNX Runtime inter-op threads")
     preprocess_threads: int = _f(4, "threads that decode and resize images")
