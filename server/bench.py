@@ -298,11 +298,8 @@ def server_delta(before: Samples, after: Samples, models: set[str]) -> dict[str,
     """What the server did between two scrapes, for the labels model in `models`: batch sizes per tower
     (batches per size range), time per stage (count, mean ms, total s), requests by method and code, server-side
     mean request time per method, requests refused by a full queue."""
-    delta: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for key, value in after.items():
-        d = value - before.get(key, 0.0)
-        if d:
-            delta[key] = d
+    # Zeros are kept: a histogram's empty buckets still bound the next one's range.
+    delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
 
     def ours(labels: dict[str, str]) -> bool:
         return labels.get("model") in models
@@ -321,7 +318,7 @@ def server_delta(before: Samples, after: Samples, models: set[str]) -> dict[str,
             stages.setdefault(key, {})[name.rsplit("_", 1)[1]] = value
         elif name in ("tandem_request_seconds_sum", "tandem_request_seconds_count"):
             methods.setdefault(labels["method"], {})[name.rsplit("_", 1)[1]] = value
-        elif name == "tandem_requests_total":
+        elif name == "tandem_requests_total" and value:
             codes[f"{labels['method']} {labels['code']}"] += int(value)
         elif name == "tandem_queue_rejected_total" and ours(labels):
             rejected += value
@@ -336,15 +333,17 @@ def server_delta(before: Samples, after: Samples, models: set[str]) -> dict[str,
             histogram[_bucket_range(previous_le, le)] = int(round(count - previous_count))
             previous_le, previous_count = le, count
         batches = int(round(previous_count))
+        if not batches:
+            continue
         rows = sum(v for (n, lab), v in delta.items() if n == "tandem_batch_size_sum" and dict(lab).get("tower") ==
                    tower and ours(dict(lab)))
-        batch_sizes[tower] = {"batches": batches, "rows": int(round(rows)), "mean": rows / batches if batches else 0.0,
+        batch_sizes[tower] = {"batches": batches, "rows": int(round(rows)), "mean": rows / batches,
                               "histogram": histogram}
     return {
         "batch_sizes": batch_sizes,
         "stages": {key: {"count": int(v.get("count", 0)), "total_s": v.get("sum", 0.0),
                          "mean_ms": 1e3 * v.get("sum", 0.0) / v["count"] if v.get("count") else 0.0}
-                   for key, v in sorted(stages.items())},
+                   for key, v in sorted(stages.items()) if v.get("count")},
         "request_ms": {m: 1e3 * v.get("sum", 0.0) / v["count"] for m, v in sorted(methods.items()) if v.get("count")},
         "requests": dict(sorted(codes.items())),
         "queue_rejected": int(rejected),
@@ -574,7 +573,7 @@ def step_line(step: dict[str, Any]) -> str:
     if step["server_over_raw"] is not None:
         line += f"  server/raw {step['server_over_raw']:.2f}"
     for code, n in step["errors"].items():
-        line += f"  {code} {n} ({step['error_messages'][code][:80]})"
+        line += f"  {code} {n} ({step['error_messages'][code][:120]})"
     return line
 
 
@@ -769,10 +768,13 @@ unknown model, missing bundle ...), 2 for bad options."""
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register `bench` on the `tandem` subcommands (server/cli.py)."""
+    import textwrap
+
+    description = "\n\n".join(textwrap.fill(" ".join(para.split()), 100) for para in DESCRIPTION.split("\n\n"))
     p = subparsers.add_parser("bench", help="load-test a running server and compare it with raw ONNX Runtime",
-                              description=DESCRIPTION, epilog=EPILOG,
+                              description=description, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--server", type=parse_server, default="127.0.0.1:50051",
+    p.add_argument("--server", type=parse_server, default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="host:port of a running `tandem serve` (default 127.0.0.1:50051)")
     p.add_argument("--model", default="", help="model name (default: the server's default model)")
     p.add_argument("--version", default="", help="model version (default: the latest the server loaded)")
@@ -781,14 +783,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    metavar="N,N,...", help=f"clients per step of the sweep (default {DEFAULT_CONCURRENCY})")
     g.add_argument("--mix", type=parse_mix, default=parse_mix("text"), metavar="KIND=W,...",
                    help="request kinds and their weights, e.g. text=3,image=1 (default text; kinds below)")
-    g.add_argument("--items", type=int, default=1, help="items (texts, images, queries) per request (default 1)")
-    g.add_argument("--duration", type=float, default=10.0, help="measured seconds per step (default 10)")
-    g.add_argument("--warmup", type=float, default=2.0,
+    g.add_argument("--items", type=int, default=1, metavar="N", help="items (texts, images, queries) per request (default 1)")
+    g.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured seconds per step (default 10)")
+    g.add_argument("--warmup", type=float, default=2.0, metavar="S",
                    help="seconds of load before each step's measurement, not counted (default 2)")
-    g.add_argument("--collection", default="", help="the collection `search` requests query (needed for search)")
-    g.add_argument("--image-size", type=int, default=224, help="side of the generated PNGs in pixels (default 224)")
-    g.add_argument("--timeout", type=float, default=30.0, help="deadline of each request in seconds (default 30)")
-    g.add_argument("--connect-timeout", type=float, default=10.0,
+    g.add_argument("--collection", default="", metavar="NAME", help="the collection `search` requests query (needed for search)")
+    g.add_argument("--image-size", type=int, default=224, metavar="PX", help="side of the generated PNGs in pixels (default 224)")
+    g.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline of each request in seconds (default 30)")
+    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
                    help="seconds to wait for the server's first answer (default 10)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the inputs and of the request order")
     g = p.add_argument_group("server metrics and raw baseline")
@@ -798,9 +800,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--models", default="models", metavar="FOLDER",
                    help="the server's model repository, for the raw ONNX Runtime baseline (default models)")
     g.add_argument("--no-raw", action="store_true", help="skip the raw ONNX Runtime baseline (and server/raw)")
-    g.add_argument("--raw-seconds", type=float, default=4.0,
+    g.add_argument("--raw-seconds", type=float, default=4.0, metavar="S",
                    help="seconds of raw ONNX Runtime timing per tower, over all batch sizes (default 4)")
-    g.add_argument("--raw-max-batch", type=int, default=32,
+    g.add_argument("--raw-max-batch", type=int, default=32, metavar="N",
                    help="largest raw batch tried (default 32, the server's default max_batch_size)")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", help="also write the whole report as JSON")

@@ -14,7 +14,7 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from server import bench
-from tests.conftest import SHIPPED_MODELS
+from tests.conftest import SHIPPED_MODELS, start_server
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,20 @@ def test_bad_options_say_what_to_give(argv: list[str], message: str, capsys: pyt
 def test_search_without_a_collection_is_refused_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(parse("--server", "127.0.0.1:1", "--mix", "search")) == 2
     assert "--collection" in capsys.readouterr().err
+
+
+def test_a_full_queue_is_counted_as_resource_exhausted_and_the_sweep_goes_on(metrics_url: str, tmp_path: Path) -> None:
+    # A queue of one request's items, held 50 ms for company: seven other clients find it full.
+    server = start_server(SHIPPED_MODELS, max_queue_rows=4, max_items_per_request=4, max_queue_delay_us=50_000)
+    try:
+        out = tmp_path / "bench.json"
+        args = parse("--server", server.target, "--metrics-url", metrics_url, "--no-raw", "--concurrency", "8",
+                     "--duration", "0.5", "--warmup", "0", "--mix", "image", "--items", "4", "--image-size", "64",
+                     "--json", str(out))
+        assert bench.main(args) == 0
+    finally:
+        server.stop()
+    step = json.loads(out.read_text())["steps"][0]
+    assert step["errors"]["RESOURCE_EXHAUSTED"] > 0 and step["items"] > 0
+    assert "max_queue_rows" in step["error_messages"]["RESOURCE_EXHAUSTED"]
+    assert step["server"]["requests"]["EmbedImage RESOURCE_EXHAUSTED"] == step["errors"]["RESOURCE_EXHAUSTED"]
