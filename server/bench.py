@@ -555,6 +555,10 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
             step["server"] = server_delta(before, after, models) if before is not None and after is not None else None
             if step["server"]:
                 step["server"]["cpu_cores"] = step["server"]["cpu_s"] / load.elapsed_s
+                if load.samples and not step["server"]["requests"] and not warned:
+                    _say(f"warning: {args.metrics_url} counted none of this step's requests: is it the metrics "
+                         f"page of the server at {args.server}? (--metrics-url)")
+                    warned.append(True)
             step["server_over_raw"] = server_over_raw(step, report.get("raw", {}))
             report["steps"].append(step)
             _say(step_line(step))
