@@ -1,5 +1,3 @@
-"""Collections: FAISS index + id map + metadata + write-ahead log + snapshots.
-
-Not built yet: the Collections service in proto/tandem/v1/tandem.proto fixes
-the contract and answers UNIMPLEMENTED until this package lands.
-"""
+"""Collections: durable items (SQLite, index/store.py) and the FAISS index derived from them
+(index/collection.py, on the GPU when FAISS can: index/gpu.py), opened and created by index/manager.py.
+index/backend.py is the whole contract the gRPC layer uses; index/filters.py compiles metadata filters."""

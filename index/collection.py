@@ -32,14 +32,17 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
 from . import gpu
-from .store import Store, Written, connect
+from .store import Put, Store, Written, connect
 
 log = logging.getLogger("tandem.index")
 
@@ -266,6 +269,21 @@ class Collection:
             self._selector_keep = [ids, batch]
             self._selector = faiss.IDSelectorNot(batch)
         return self._selector
+
+    # -- items (index.backend.CollectionBackend: what the gRPC layer uses) ------------------
+    def count(self) -> int:
+        return self.store.count()
+
+    def write(self, puts: Sequence[Put] = (), delete_ids: Sequence[str] = (),
+              delete_where: tuple[str, list[Any]] | None = None) -> Future[Written]:
+        """One atomic write (group-committed); the future resolves once it is on disk and in the index."""
+        return self.store.write(puts, delete_ids, delete_where)
+
+    def get(self, ids: Sequence[str]) -> dict[str, tuple[int, np.ndarray, str]]:
+        return self.store.get(ids)
+
+    def resolve(self, rowids: Sequence[int]) -> dict[int, tuple[str, str]]:
+        return self.store.by_rowids(rowids)
 
     # -- search ------------------------------------------------------------------------
     def prepare(self, vectors: np.ndarray) -> np.ndarray:

@@ -88,7 +88,7 @@ class TandemServer:
         for c in self.collections.all():
             observe(c)
         for c in self.collections.all():
-            log.info("collection %s: %d items, %s index, searching on the %s", c.spec.name, c.store.count(), c.kind,
+            log.info("collection %s: %d items, %s index, searching on the %s", c.spec.name, c.count(), c.kind,
                      "GPU" if c.device == "cuda" else "CPU")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %d model(s), %d collection(s); default model %s/%s", len(self.registry.all()),

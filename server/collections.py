@@ -22,7 +22,8 @@ from google.protobuf import json_format, struct_pb2
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
-from index.collection import Collection, CollectionError, Spec
+from index.backend import CollectionBackend as Collection
+from index.collection import CollectionError, Spec
 from index.filters import FilterError, compile_filter
 from index.manager import CollectionExists, CollectionNotFound, Collections
 from index.metadata import MetadataError, canonical_json
@@ -277,7 +278,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
 
     async def _write(self, c: Collection, **kw):  # type: ignore[no-untyped-def]
         try:
-            return await asyncio.wrap_future(c.store.write(**kw))
+            return await asyncio.wrap_future(c.write(**kw))
         except StoreFull as e:
             raise ApiError(Code.RESOURCE_EXHAUSTED, str(e)) from None
 
@@ -306,7 +307,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         c = self._collection(request.collection)
         ids = list(request.ids)
         self.inference._check_count(len(ids), "ids")
-        found = await self._off_loop(c.store.get, ids)
+        found = await self._off_loop(c.get, ids)
         present = [i for i in dict.fromkeys(ids) if i in found]
         r = pb.GetResponse(items=[pb.StoredItem(id=i, metadata=_struct(found[i][2])) for i in present],
                            missing=[i for i in dict.fromkeys(ids) if i not in found])
@@ -358,7 +359,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 raise v
             plain[key] = v
         if ids:
-            stored = await self._off_loop(c.store.get, list(ids.values()))
+            stored = await self._off_loop(c.get, list(ids.values()))
             for key, item_id in ids.items():
                 if item_id not in stored:
                     raise not_found(f"{labels[key]}.id {item_id!r} is not stored in collection {c.spec.name!r}")
@@ -371,7 +372,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     def _results(self, c: Collection, scores: np.ndarray, rowids: np.ndarray, with_metadata: bool) -> np.ndarray:
         """One pb.QueryResult per query row (an object array), hits resolved to ids and metadata. Runs in a
         pool thread, right after the search, so a search costs the event loop one thread hop."""
-        found = c.store.by_rowids(np.unique(rowids[rowids >= 0]).tolist())
+        found = c.resolve(np.unique(rowids[rowids >= 0]).tolist())
         cache = self._metadata.get(c) or self._metadata.setdefault(c, MetadataCache(METADATA_CACHE_BYTES))
         out = np.empty(len(scores), object)
         for qi, (row_s, row_i) in enumerate(zip(scores.tolist(), rowids.tolist())):

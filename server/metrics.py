@@ -56,7 +56,7 @@ class _CollectionGauges:
         info = GaugeMetricFamily("tandem_collection_info", "Collections (value 1): where they search and with "
                                  "which index", labels=["collection", "device", "index_kind"])
         for name, c in open_:
-            items.add_metric([name], c.store.count())
+            items.add_metric([name], c.count())
             info.add_metric([name, c.device, c.kind], 1)
         return items, info
 
