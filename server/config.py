@@ -57,6 +57,13 @@ class ServerConfig:
     max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC request message")
     label_cache_size: int = _f(256, "zero-shot label sets whose embeddings are cached")
     verify_hashes: bool = _f(True, "check each ONNX file's sha256 against its manifest at load")
+    model_poll_seconds: int = _f(0, "look for added, changed and removed bundles in the model repository every "
+                                 "this many seconds and load or unload them (0: off; LoadModel/UnloadModel work either way)")
+    bundle_public_key: str = _f("", "PEM ed25519 public key: every bundle must carry a manifest.sig made with its "
+                                "private key (tandem bundle sign), or it is not loaded (empty: signatures not checked)")
+    reveal_source_paths: bool = _f(False, "show the checkpoint path a bundle was exported from in ModelInfo.source "
+                                   "(off: only its kind and sha256, no local paths)")
+    shutdown_grace_seconds: int = _f(5, "on SIGTERM, how long calls in progress get to finish before they are cancelled")
     data_dir: str = _f("data", "folder that holds the collections (created if missing)")
     max_top_k: int = _f(1000, "most hits one search query may ask for")
     max_queries_per_search: int = _f(64, "most queries in one Search request")
