@@ -32,10 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.config import TrainConfig  # noqa: E402
 from training.data import procedural  # noqa: E402
-from training.methods import SSL_METHODS, ssl_class  # noqa: E402
-from training.methods.base import SSLConfig  # noqa: E402
-from training.trainer import TrainConfig, make_optimizer  # noqa: E402
+from training.methods import SSL_METHODS, ssl_class, ssl_config  # noqa: E402
+from training.trainer import make_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peak in TFLOP/s (NVIDIA data sheets, without sparsity), by device-name fragment.
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0,
@@ -72,10 +72,10 @@ def method_step(name: str, args: argparse.Namespace, images: list, device: torch
     """A closure running one training step of `name` on a fixed batch of its own augmented views."""
     cls = ssl_class(name)
     backbone = args.vit_backbone if cls.needs_vit else args.backbone
-    method = cls(SSLConfig(method=name, backbone=backbone, image_size=args.image_size, patch_size=args.patch_size,
-                           hidden_dim=args.hidden_dim, out_dim=args.out_dim), None).to(device).train()
-    optimizer_name, lr, wd = cls.default_optimizer
-    optimizer = make_optimizer(method, TrainConfig(optimizer=optimizer_name, lr=lr, weight_decay=wd))
+    config = ssl_config(name, backbone=backbone, image_size=args.image_size, patch_size=args.patch_size,
+                        hidden_dim=args.hidden_dim, out_dim=args.out_dim, batch_size=args.batch_size)
+    method = cls(config, None).to(device).train()  # with its online linear probe, as `tandem train` runs it
+    optimizer = make_optimizer(method, TrainConfig.for_run(config))  # the method's default optimiser
     views = method.views()
     batch = method.collate([(views(img), 0) for img in images])
     autocast = device.type == "cuda"
@@ -101,7 +101,8 @@ def supervised_step(backbone_name: str, args: argparse.Namespace, images: list, 
 
     backbone = build_backbone(backbone_name, args.image_size, args.patch_size)
     model = nn.Sequential(backbone, nn.Linear(backbone.dim, 56)).to(device).train()
-    optimizer = make_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4))
+    optimizer = make_optimizer(model, TrainConfig(steps=1, batch_size=len(images), optimizer="adamw", lr=1e-3,
+                                                  weight_decay=1e-4, warmup_steps=0))
     transform = eval_transform(args.image_size)
     x = torch.stack([transform(img) for img in images]).to(device)
     y = torch.randint(0, 56, (len(images),), device=device)

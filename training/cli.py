@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+log = logging.getLogger("tandem.train")
+
 
 def _setup_logging(level: str = "INFO") -> None:
     # Libraries (open_clip logs to the root logger) speak at WARNING; Tandem at `level`.
@@ -22,57 +24,50 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 # -- train ----------------------------------------------------------------------
-CLIP_DEFAULTS = ("adamw", 2000, 4e-3, 0.1, 256)  # optimiser, steps, lr, weight decay, batch size
-SSL_STEPS, SSL_BATCH = 500, 128  # optimiser, lr (at batch 128) and weight decay: the method's default_optimizer
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging()
+    run = run_config(args)  # checks the options before torch is imported
     from training import distributed
-    from training.trainer import TrainConfig, Trainer
+    from training.trainer import Trainer
 
-    if args.method == "clip":
-        optimizer, steps, lr, wd, batch = CLIP_DEFAULTS
-    else:
-        from training.methods import ssl_class
-
-        optimizer, lr, wd = ssl_class(args.method).default_optimizer
-        steps, batch = SSL_STEPS, SSL_BATCH
-        lr *= (args.batch_size or batch) / 128
-    args.out = args.out or f"runs/{args.method}"
-    dist = distributed.setup(args.device)
+    loop = train_loop_config(args, run)
+    dist = distributed.setup(args.device, loop.dist_timeout_min)
     try:
         if args.method == "clip":
-            from training.methods.clip import Clip, ClipConfig
+            from training.methods.clip import Clip
 
-            method = Clip(ClipConfig(model=args.model, data=args.data, init=args.init, train_size=args.train_size,
-                                     val_size=args.val_size, test_size=args.test_size, seed=args.seed), dist)
+            method = Clip(run, dist)  # type: ignore[arg-type]
         else:
             from training.methods import ssl_class
-            from training.methods.base import SSLConfig
 
-            config = SSLConfig(method=args.method.replace("-", "_"), backbone=args.backbone,
-                               image_size=args.image_size, patch_size=args.patch_size, data=args.data,
-                               train_size=args.train_size, eval_bank_size=args.eval_bank_size,
-                               eval_size=args.val_size, seed=args.seed, hidden_dim=args.hidden_dim,
-                               out_dim=args.out_dim, temperature=args.temperature, momentum=args.momentum,
-                               queue_size=args.queue_size, prototypes=args.prototypes, local_crops=args.local_crops,
-                               mask_ratio=args.mask_ratio, min_crop_scale=args.min_crop_scale)
-            method = ssl_class(args.method)(config, dist)
-        config = TrainConfig(out=args.out, steps=args.steps or steps, batch_size=args.batch_size or batch,
-                             lr=args.lr or lr, weight_decay=args.weight_decay if args.weight_decay is not None else wd,
-                             warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-                             checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
-                             resume=not args.no_resume, progress=not args.no_progress,
-                             optimizer=args.optimizer or optimizer)
-        metrics = Trainer(method, config, dist).fit()
+            method = ssl_class(args.method)(run, dist)  # type: ignore[arg-type]
+        if dist.is_main:
+            log.info("%s: %s", args.method, run)
+            log.info("loop: %s", loop)
+        metrics = Trainer(method, loop, dist).fit()  # type: ignore[arg-type]
         if dist.is_main:
             print(json.dumps(metrics, indent=2))
-            print(f"checkpoint: {Path(args.out) / 'checkpoints' / 'latest.pt'}\n"
-                  f"curves: {Path(args.out) / 'curves.png'}; TensorBoard: tensorboard --logdir {args.out}")
+            print(f"checkpoint: {Path(loop.out) / 'checkpoints' / 'latest.pt'}\n"
+                  f"curves: {Path(loop.out) / 'curves.png'}; TensorBoard: tensorboard --logdir {loop.out}")
     finally:
         distributed.teardown()
     return 0
+
+
+def run_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The method's config from the parsed options (its class checks them; ValueError says what is wrong)."""
+    from training.config import config_class, options
+
+    cls = config_class(args.method)
+    return cls(**{name: getattr(args, name) for name, *_ in options(cls)})
+
+
+def train_loop_config(args: argparse.Namespace, run):  # type: ignore[no-untyped-def]
+    from training.config import TrainConfig, options
+
+    loop = {name: getattr(args, name) for name, *_ in options(TrainConfig)}
+    return TrainConfig.for_run(run, out=args.out or f"runs/{args.method}", resume=not args.no_resume,
+                               progress=not args.no_progress, **loop)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -169,66 +164,58 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_DESCRIPTION = """Train CLIP or a self-supervised visual encoder.
+
+Data: procedural shapes (default, with evaluation), a folder, or webdataset tar shards
+('data/{00000..00099}.tar', as img2dataset writes them). Every --eval-every steps the val split is
+evaluated (for choosing settings); at the end, once, the test split (for reporting). Running the same
+command again resumes from OUT/checkpoints/latest.pt (mid-epoch for shards). Several GPUs or CPU processes:
+torchrun --nproc_per_node N -m training METHOD ...
+
+methods (`tandem train METHOD --help` lists each one's options and defaults):
+"""
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", choices=["clip", "simclr", "moco-v2", "moco-v3", "byol", "simsiam", "swav", "mae"],
-                   help="training method")
-    p.add_argument("--data", default="shapes",
-                   help="'shapes' (procedural, with evaluation) or a folder: captions.csv/.jsonl for clip; "
-                   "an ImageFolder or a flat folder of images for the others")
-    p.add_argument("--out", help="run folder: checkpoints, TensorBoard logs, curves.png (default runs/METHOD)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default per method, see below)")
-    p.add_argument("--batch-size", type=int, help="images (pairs) per step per process")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--optimizer", choices=["adamw", "lars", "sgd"],
-                   help="default per method (below); LARS as in SimCLR/BYOL/SwAV for large batches "
-                   "(use lr 0.3 x batch/256)")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=250, help="evaluate on the val split every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--train-size", type=int, default=20_000, help="procedural training images")
-    p.add_argument("--val-size", type=int, default=1_000)
-    p.add_argument("--test-size", type=int, default=2_000)
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    g = p.add_argument_group("clip")
-    g.add_argument("--model", default="tandem-shapes-vit",
-                   help="open_clip architecture name, one of training/configs/*.json, or a .json config path")
-    g.add_argument("--init", help="start from the weights in this checkpoint file")
-    g = p.add_argument_group("self-supervised methods")
-    g.add_argument("--backbone", default="resnet18-small",
-                   help="resnet18-small, resnet18, resnet-micro (CPU-sized), vit-micro, vit-tiny, vit-small or "
-                   "timm:NAME (MAE: a ViT)")
-    g.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
-    g.add_argument("--patch-size", type=int, help="ViT patch size (default image_size // 8)")
-    g.add_argument("--hidden-dim", type=int, default=512, help="projector/predictor hidden width")
-    g.add_argument("--out-dim", type=int, default=128, help="projection width")
-    g.add_argument("--temperature", type=float, help="contrastive/softmax temperature (default: the paper's)")
-    g.add_argument("--momentum", type=float, default=0.99, help="EMA momentum of MoCo/BYOL target networks (start)")
-    g.add_argument("--queue-size", type=int, default=4096, help="MoCo v2 negatives queue")
-    g.add_argument("--prototypes", type=int, default=100, help="SwAV prototypes")
-    g.add_argument("--local-crops", type=int, default=4, help="SwAV small crops per image")
-    g.add_argument("--mask-ratio", type=float, default=0.75, help="MAE fraction of patches hidden")
-    g.add_argument("--min-crop-scale", type=float,
-                   help="lower bound of the random crops' area (default: the paper's 0.08 or 0.2); raise it when "
-                   "objects are small enough to be cropped away")
-    g.add_argument("--eval-bank-size", type=int, default=2_000, help="labelled images the kNN monitor searches")
+    """One sub-command per method; its options and their defaults are its config class's fields."""
+    from training.config import METHODS, TrainConfig, cli_name, defaults_table
+
+    p.description = TRAIN_DESCRIPTION + "\n".join(f"  {cli_name(m):9} {c.SUMMARY}" for m, c in METHODS.items())
+    p.epilog = ("run defaults per method; --optimizer brings the lr and weight decay shown for it, and an lr that "
+                "scales is multiplied by --batch-size / the batch named:\n\n" + defaults_table())
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for name, cls in METHODS.items():
+        m = methods.add_parser(cli_name(name), description=cls.SUMMARY + ".\n\n" + (
+            "--optimizer brings its own peak lr and weight decay: " + "; ".join(
+                f"{o} lr {lr:g}, weight decay {wd:g}" for o, (lr, wd) in cls.OPTIMIZERS.items())
+            + (f" (lr at batch {cls.LR_BATCH}, scaled by --batch-size / {cls.LR_BATCH})" if cls.LR_BATCH else "")
+            + "."), formatter_class=argparse.RawDescriptionHelpFormatter)
+        m.set_defaults(method=name)
+        _add_options(m.add_argument_group(f"{cli_name(name)} settings (training/config.py)"), cls)
+        loop = m.add_argument_group("the run")
+        loop.add_argument("--out", help="run folder: checkpoints, TensorBoard logs, curves.png, metrics.json "
+                          f"(default: runs/{cli_name(name)})")
+        _add_options(loop, TrainConfig)
+        loop.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        loop.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+        loop.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def _add_options(group: argparse._ArgumentGroup, cls: type) -> None:
+    from training.config import OPTIMIZER_HELP, flag, options
+
+    for name, kind, default, help in options(cls):
+        if name == "optimizer":
+            group.add_argument(flag(name), default=default, choices=list(cls.OPTIMIZERS),  # type: ignore[attr-defined]
+                               help=help.replace(OPTIMIZER_HELP, "brings its own lr and weight decay (above)"))
+        else:
+            group.add_argument(flag(name), type=kind, default=default, help=help)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("train",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train CLIP on procedural shapes (default) or your image-caption folder, or a "
-                       "self-supervised visual encoder (SimCLR, MoCo v2/v3, BYOL, SimSiam, SwAV, MAE) on "
-                       "procedural shapes or a folder of images. Resumes from OUT/checkpoints/latest.pt when it "
-                       "exists. Several GPUs (or CPU processes): torchrun --nproc_per_node N -m training ...",
-                       epilog="defaults per method (optimiser, steps, lr, weight decay, batch): clip adamw, 2000, "
-                       "4e-3, 0.1, 256; simclr, moco-v2, moco-v3, byol, swav adamw, 500, 2e-3, 1e-4, 128; simsiam "
-                       "sgd, 500, 0.25, 1e-5, 128; mae adamw, 500, 1e-3, 0.05, 128. The self-supervised lr scales "
-                       "with --batch-size / 128.")
+    from training.config import SSLConfig
+
+    p = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -245,8 +232,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="shapes: score the 56 size-colour-shape classes or the 4 shapes")
     p.add_argument("--train-size", type=int, default=5_000, help="labelled training images (kNN bank / probe)")
     p.add_argument("--test-size", type=int, default=2_000)
-    p.add_argument("--backbone", default="resnet18-small", help="for a random-init baseline")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--backbone", default=SSLConfig.backbone, help="for a random-init baseline")
+    p.add_argument("--image-size", type=int, default=SSLConfig.image_size)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print one JSON line")
@@ -293,8 +280,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m training ARGS` = `tandem train ARGS` (the entry point for torchrun)."""
-    parser = argparse.ArgumentParser(prog="python -m training", description="Same as `tandem train`; "
-                                     "start it with torchrun for several processes, e.g. torchrun "
-                                     "--nproc_per_node 2 -m training clip --out runs/clip-ddp")
+    parser = argparse.ArgumentParser(prog="python -m training", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
+    parser.description = ("Same as `tandem train`; start it with torchrun for several processes, e.g. torchrun "
+                          "--nproc_per_node 2 -m training clip --out runs/clip-ddp\n\n" + (parser.description or ""))
     return cmd_train(parser.parse_args(argv))

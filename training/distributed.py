@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import dataclass
 
@@ -25,8 +26,11 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> Dist:
-    """Read torchrun's environment (or run as a single process) and pick the device."""
+def setup(device: str = "auto", timeout_min: float = 30.0) -> Dist:
+    """Read torchrun's environment (or run as a single process) and pick the device.
+
+    `timeout_min`: how long a rank waits in a collective (for another rank that crashed, hangs, or is
+    still evaluating) before the run fails with an error instead of hanging for ever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -37,7 +41,8 @@ def setup(device: str = "auto") -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=dt.timedelta(minutes=timeout_min))
     return Dist(rank, world, local, dev)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import logging
+import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -195,6 +197,8 @@ def export_bundle(
     """
     if precision not in PARITY_THRESHOLD:
         raise ValueError(f"precision must be one of {sorted(PARITY_THRESHOLD)}")
+    check_component("--name", name)
+    check_component("--version", version)
     dest = Path(out_dir) / name / version
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} exists; pick another --version or pass --force")
@@ -278,14 +282,63 @@ def export_bundle(
             format=FORMAT,
         )
         (work / "manifest.json").write_text(manifest.to_json())
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(work, dest)
-        dest.chmod(0o755)  # the temporary folder was private
+        install_bundle(work, dest)
     load_bundle(dest)  # what we wrote must load
     log.info("wrote %s (parity min cosine %.6f)", dest, worst)
     return ExportResult(dest, manifest)
+
+
+# A name or version is one folder name: no separators, no "." or "..", nothing hidden.
+_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_component(what: str, value: str) -> None:
+    if not _COMPONENT.fullmatch(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} must be one folder name: letters, digits, '.', '_' and '-', starting "
+                         "with a letter or digit, at most 128 characters, no '..'")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def install_bundle(work: Path, dest: Path) -> None:
+    """Put the finished bundle folder `work` at `dest`, replacing what is there, by renames.
+
+    The bundle is first copied beside its destination (NAME/.staging-*/VERSION: same filesystem, and too
+    deep for the server's NAME/VERSION/manifest.json discovery to pick up half a bundle) and fsynced. Then
+    an existing version is renamed aside and the new one renamed into place: a reader sees the old complete
+    bundle or the new complete one, never a mix (for the moment between the two renames, none). If the
+    second rename fails, the old bundle is put back.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest.parent))
+    try:
+        new = staging / dest.name
+        shutil.copytree(work, new)
+        new.chmod(0o755)  # the temporary folder was private
+        _fsync_tree(new)
+        old = staging / "replaced"
+        if dest.exists():
+            os.rename(dest, old)
+        try:
+            os.rename(new, dest)
+        except OSError:
+            if old.exists():
+                os.rename(old, dest)
+            raise
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def upgrade_bundle(path: Path) -> Manifest:

@@ -67,12 +67,14 @@ class MultiView:
         return [v(image) for v in self.views]
 
 
-def recipe(method: str, size: int, min_scale: float | None = None, multiple: int = 1) -> MultiView:
+def recipe(method: str, size: int, min_scale: float | None = None, multiple: int = 1,
+           local_crops: int = 4) -> MultiView:
     """The method's views at `size` px. `min_scale` overrides the lower bound of every crop scale
     (global crops only for SwAV): useful when objects are small and a paper's 0.08 would crop them away.
-    `multiple`: SwAV's small crops are rounded to a multiple of it (a ViT's patch size)."""
+    `multiple`: SwAV's small crops are rounded to a multiple of it (a ViT's patch size).
+    `local_crops`: how many small crops SwAV adds to its two global ones."""
     if min_scale is not None:
-        return _with_min_scale(recipe(method, size, multiple=multiple), min_scale, size)
+        return _with_min_scale(recipe(method, size, multiple=multiple, local_crops=local_crops), min_scale, size)
     strong = (0.8, 0.8, 0.8, 0.2)
     byol_jitter = (0.4, 0.4, 0.2, 0.1)
     if method == "simclr":
@@ -87,7 +89,7 @@ def recipe(method: str, size: int, min_scale: float | None = None, multiple: int
         small = max(multiple, round(small / multiple) * multiple)
         glob = view(ViewSpec(size, scale=(0.14, 1.0), jitter=strong))
         local = view(ViewSpec(small, scale=(0.05, 0.14), jitter=strong))
-        return MultiView([glob, glob, local, local, local, local])
+        return MultiView([glob, glob] + [local] * local_crops)
     if method == "mae":
         return MultiView([view(ViewSpec(size, scale=(0.2, 1.0), jitter_p=0, grey_p=0, blur_p=0))])
     raise ValueError(f"no augmentation recipe for {method!r}")

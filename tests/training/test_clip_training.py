@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, ROOT
+from training.config import TrainConfig
 from training.distributed import Dist
 from training.methods.clip import MAX_LOGIT_SCALE, Clip, ClipConfig
-from training.trainer import TrainConfig, Trainer, warmup_cosine
+from training.trainer import Trainer, warmup_cosine
 
 TINY = str(CONFIGS / "tiny-vit.json")
 
 
 def tiny_method(**kw: object) -> Clip:
-    cfg = dict(model=TINY, train_size=256, val_size=64, test_size=64)
+    cfg = dict(model=TINY, train_size=256, val_size=64, test_size=64, batch_size=32)
     cfg.update(kw)
     return Clip(ClipConfig(**cfg), Dist())  # type: ignore[arg-type]
 
@@ -72,10 +73,9 @@ ZERO_SHOT_COLOUR_GAIN = 0.15
 
 def test_training_learns_zero_shot_colour_then_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = TrainConfig(out=str(out), steps=250, batch_size=32, warmup_steps=5, eval_every=125, checkpoint_every=125,
-                      progress=False)
     torch.manual_seed(0)
-    method = tiny_method(train_size=1024, test_size=256)
+    method = tiny_method(train_size=1024, test_size=256, steps=250, warmup_steps=5)
+    cfg = TrainConfig.for_run(method.config, out=str(out), eval_every=125, checkpoint_every=125, progress=False)
     method.model.eval()
     untrained = method.evaluate("test")
     metrics = Trainer(method, cfg, Dist()).fit()
@@ -84,7 +84,7 @@ def test_training_learns_zero_shot_colour_then_resumes_from_its_checkpoint(tmp_p
     assert (out / "checkpoints" / "step_0000250.pt").is_file()
     assert (out / "curves.png").stat().st_size > 1000
     assert list((out / "tensorboard").iterdir())
-    first = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    first = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)  # tensors and plain data only
     assert first["step"] == 250 and first["model_name"] == "tiny-vit"
 
     # Asking for more steps in the same folder resumes at step 250, not 0.
@@ -92,7 +92,7 @@ def test_training_learns_zero_shot_colour_then_resumes_from_its_checkpoint(tmp_p
                       Dist())
     assert resumed.maybe_resume() and resumed.step == 250
     resumed.fit()
-    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 253
     assert any(not torch.equal(state["state_dict"][k], first["state_dict"][k]) for k in first["state_dict"])
 
@@ -105,8 +105,8 @@ def test_folder_of_images_with_csv_captions(tmp_path: Path) -> None:
         img.save(tmp_path / f"{i}.png")
         rows.append(f"{i}.png,{spec.caption(procedural.CAPTION_TEMPLATES[0])}")
     (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
-    method = tiny_method(data=str(tmp_path))
-    cfg = TrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=16, progress=False)
+    method = tiny_method(data=str(tmp_path), steps=2, batch_size=16)
+    cfg = TrainConfig.for_run(method.config, out=str(tmp_path / "run"), progress=False)
     assert Trainer(method, cfg, Dist()).fit() == {}  # no zero-shot eval for free-form data
     assert (tmp_path / "run" / "checkpoints" / "latest.pt").is_file()
 
@@ -121,6 +121,6 @@ def test_torchrun_two_cpu_processes_gather_the_global_batch(tmp_path: Path) -> N
            "--eval-every", "3", "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 3
     assert "zero_shot_top1_seen" in json.loads((out / "metrics.json").read_text())

@@ -142,3 +142,27 @@ def test_non_finite_outputs_fail_the_gate(tmp_path, tiny_checkpoint, monkeypatch
     with pytest.raises(ParityError, match="nan"):
         export_bundle(None, tmp_path, "nan", "1", checkpoint=tiny_checkpoint)
     assert not (tmp_path / "nan").exists()
+
+
+@pytest.mark.parametrize("name, version", [("../escape", "1"), ("m", "1/../../x"), (".hidden", "1"), ("m", ".."),
+                                           ("a b", "1"), ("m", "")])
+def test_names_and_versions_must_be_one_folder_name(tmp_path, tiny_checkpoint, name: str, version: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="must be one folder name"):
+        export_bundle(None, tmp_path / "repo", name, version, checkpoint=tiny_checkpoint, image_only=True)
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "x").exists()
+
+
+def test_force_replaces_a_bundle_by_renames_and_a_failed_export_keeps_the_old_one(  # type: ignore[no-untyped-def]
+        tmp_path, tiny_checkpoint, monkeypatch) -> None:
+    first = export_bundle(None, tmp_path, "m", "1", checkpoint=tiny_checkpoint, image_only=True, source_note="old")
+    inode = (first.path / "image.onnx").stat().st_ino
+    monkeypatch.setitem(export_mod.PARITY_THRESHOLD, "fp32", 1.5)  # this export fails its gate
+    with pytest.raises(ParityError):
+        export_bundle(None, tmp_path, "m", "1", checkpoint=tiny_checkpoint, image_only=True, force=True)
+    assert load_bundle(first.path).manifest.source["note"] == "old"  # untouched
+    monkeypatch.setitem(export_mod.PARITY_THRESHOLD, "fp32", 0.9999)
+    export_bundle(None, tmp_path, "m", "1", checkpoint=tiny_checkpoint, image_only=True, force=True,
+                  source_note="new")
+    assert load_bundle(first.path).manifest.source["note"] == "new"
+    assert (first.path / "image.onnx").stat().st_ino != inode  # a new folder renamed in, not rewritten in place
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]  # no staging folder left behind

@@ -14,21 +14,27 @@ from PIL import Image
 
 from server.client import FailedPrecondition, TandemClient
 from tests.conftest import png_bytes, start_server
+from training.config import SSLConfig, TrainConfig, config_class
 from training.data import procedural
 from training.distributed import Dist
 from training.evaluation.collapse import collapse_stats, collapse_warning
 from training.export import FUSED_ATTENTION_OPS, export_bundle
-from training.methods import SSL_METHODS, ssl_class
-from training.methods.base import SSLConfig
-from training.trainer import TrainConfig, Trainer
+from training.methods import SSL_METHODS, ssl_class, ssl_config
+from training.trainer import Trainer
 
 
 def tiny_config(method: str, **kw: object) -> SSLConfig:
-    base = dict(method=method, backbone="vit-micro" if method == "mae" else "resnet18-small", image_size=16,
+    """A CPU-sized config of `method`; settings the method does not have are left out."""
+    base = dict(backbone="vit-micro" if method == "mae" else "resnet18-small", image_size=16, batch_size=16,
                 hidden_dim=64, out_dim=32, queue_size=64, prototypes=8, freeze_prototypes_steps=0, local_crops=2,
-                train_size=64, eval_bank_size=64, eval_size=32, decoder_width=32, decoder_depth=1)
+                train_size=64, eval_bank_size=64, val_size=32, test_size=32, decoder_width=32, decoder_depth=1)
     base.update(kw)
-    return SSLConfig(**base)  # type: ignore[arg-type]
+    known = set(config_class(method).__dataclass_fields__)
+    return ssl_config(method, **{k: v for k, v in base.items() if k in known})
+
+
+def tiny_run(config: SSLConfig, out: Path, **loop: object) -> TrainConfig:
+    return TrainConfig.for_run(config, out=str(out), progress=False, **loop)  # type: ignore[arg-type]
 
 
 def fixed_batch(method, n: int = 16) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -99,7 +105,7 @@ def test_swav_prototypes_frozen_at_the_start() -> None:
 
 def test_mae_needs_a_vit() -> None:
     with pytest.raises(ValueError, match="MAE needs a ViT"):
-        ssl_class("mae")(tiny_config("mae", backbone="resnet18-small"))
+        ssl_class("mae")(tiny_config("mae", backbone="timm:resnet10t"))
 
 
 def test_mae_embeds_an_image_as_its_mean_patch_token() -> None:
@@ -119,11 +125,10 @@ def ssl_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     out = {}
     for name, backbone in (("simclr", "resnet18-small"), ("mae", "vit-micro")):
         run = tmp_path_factory.mktemp(name)
-        method = ssl_class(name)(tiny_config(name, backbone=backbone, image_size=32))
-        cfg = TrainConfig(out=str(run), steps=4, batch_size=16, eval_every=4, checkpoint_every=4, progress=False,
-                          lr=1e-3, weight_decay=1e-4)
-        metrics = Trainer(method, cfg, Dist()).fit()
-        assert {"knn_top1", "knn_shape_top1", "embedding_std", "effective_rank"} <= set(metrics)
+        config = tiny_config(name, backbone=backbone, image_size=32, steps=4, lr=1e-3, weight_decay=1e-4)
+        method = ssl_class(name)(config)
+        metrics = Trainer(method, tiny_run(config, run, eval_every=4, checkpoint_every=4), Dist()).fit()
+        assert {"knn_top1", "knn_shape_top1", "online_linear_top1", "embedding_std", "effective_rank"} <= set(metrics)
         out[name] = run / "checkpoints" / "latest.pt"
     return out
 
@@ -182,12 +187,12 @@ def simclr_before_and_after(tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """Checkpoints of one SimCLR resnet-micro at its random initialisation and after 20 Trainer steps from it."""
     run = tmp_path_factory.mktemp("simclr-micro")
     torch.manual_seed(0)
-    method = ssl_class("simclr")(tiny_config("simclr", backbone="resnet-micro", image_size=32, train_size=256))
+    config = tiny_config("simclr", backbone="resnet-micro", image_size=32, train_size=256, steps=20, warmup_steps=2,
+                         lr=2e-3, weight_decay=1e-4)
+    method = ssl_class("simclr")(config)
     initial = run / "initial.pt"
     torch.save({"state_dict": method.state_dict(), **method.checkpoint_meta()}, initial)
-    cfg = TrainConfig(out=str(run), steps=20, batch_size=16, warmup_steps=2, eval_every=20, checkpoint_every=20,
-                      progress=False, lr=2e-3, weight_decay=1e-4)
-    Trainer(method, cfg, Dist()).fit()
+    Trainer(method, tiny_run(config, run, eval_every=20, checkpoint_every=20), Dist()).fit()
     return initial, run / "checkpoints" / "latest.pt"
 
 
@@ -246,8 +251,9 @@ def test_image_folder_training_and_eval_cli(tmp_path) -> None:  # type: ignore[n
     args = ["train", "simsiam", "--data", str(tmp_path / "data"), "--out", str(run), "--steps", "2",
             "--batch-size", "8", "--image-size", "16", "--hidden-dim", "32", "--eval-every", "2", "--no-progress"]
     assert main(args) == 0
-    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
     assert state["method"] == "simsiam" and state["step"] == 2
+    assert state["probe_classes"] == 4  # the class sub-folders
     common = ["--data", str(tmp_path / "data"), "--image-size", "16"]
     assert main(["eval", "knn", "--checkpoint", str(run / "checkpoints" / "latest.pt"), *common]) == 0
     assert main(["eval", "linear", "--backbone", "resnet18-small", *common]) == 0
@@ -311,7 +317,7 @@ def test_torchrun_two_cpu_processes_train_simclr(tmp_path) -> None:  # type: ign
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and state["method"] == "simclr"
 
 
@@ -341,3 +347,51 @@ def test_throughput_benchmark_counts_every_view() -> None:
     # MAE's encoder sees a quarter of the patches: cheaper than a supervised step despite its decoder.
     assert by["mae", "vit-micro"]["gflop_per_step"] < by["supervised", "vit-micro"]["gflop_per_step"]
     assert all(r["images_per_s"] > 0 and r["of_peak"] is None for r in rows)
+
+
+@pytest.mark.parametrize("name", ["simclr", "mae"])
+def test_online_probe_learns_from_detached_features(name: str) -> None:
+    """The probe's loss reaches no encoder weight: the backbone's gradients are the same with and without
+    labels, while the probe itself gets gradients."""
+    torch.manual_seed(0)
+    method = ssl_class(name)(tiny_config(name))
+    assert method.probe is not None and method.probe_classes == 56
+    batch = fixed_batch(method, n=8)
+    labels = torch.arange(8) % 56
+
+    def backbone_grads(with_labels: bool) -> list[torch.Tensor]:
+        method.zero_grad()
+        torch.manual_seed(1)  # the same masks for MAE
+        (method(batch, labels) if with_labels else method(batch)).backward()
+        return [p.grad.clone() for p in method.backbone.parameters() if p.grad is not None]
+
+    without, with_probe = backbone_grads(False), backbone_grads(True)
+    assert without and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(without, with_probe))
+    assert method.probe[1].weight.grad is not None and method.probe[1].weight.grad.abs().sum() > 0
+    assert method.after_step(1, 10)["probe_loss"] > 0
+
+
+class Collapsed(torch.nn.Module):
+    """An encoder that has collapsed: every image gets the same embedding (plus float noise)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * 1e-6 + 1.0
+
+
+def test_the_collapse_check_flags_a_collapsed_encoder_and_passes_a_healthy_one(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    torch.manual_seed(0)
+    method = ssl_class("simclr")(tiny_config("simclr", image_size=32))
+    with caplog.at_level(logging.WARNING, logger="tandem.ssl"):
+        healthy = method.evaluate("val")
+    assert not [r for r in caplog.records if "collapsed" in r.getMessage()], healthy
+    method.backbone.net = Collapsed(method.backbone.net)
+    with caplog.at_level(logging.WARNING, logger="tandem.ssl"):
+        collapsed = method.evaluate("val")
+    assert any("embeddings look collapsed" in r.getMessage() for r in caplog.records), collapsed
+    assert collapsed["embedding_std"] < 0.03 * healthy["embedding_std"]

@@ -6,13 +6,15 @@ Your own data is a folder of images plus one index file in it:
     captions.jsonl   one {"image": "cats/1.jpg", "caption": "a cat on a sofa"} per line
 
 Image paths are relative to the folder. An image may appear on several rows
-(several captions); each row is one training pair.
+(several captions); each row is one training pair. An image that does not
+decode yields None (logged), which the trainer skips and counts.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +24,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from bundle.image import load_image
+from bundle.image import ImageInputError, load_image
 
 from . import procedural
+
+log = logging.getLogger("tandem.data")
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -68,9 +72,14 @@ class FolderCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str] | None:
         path, caption = self.rows[i]
-        return self.transform(load_image(path)), caption
+        try:
+            image = load_image(path)
+        except ImageInputError as e:
+            log.warning("skipping %s: %s", path, e)
+            return None
+        return self.transform(image), caption
 
 
 class ShapesCaptions(Dataset):

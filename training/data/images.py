@@ -3,12 +3,15 @@
     shapes        the procedural set (training/data/procedural.py); labels kept for evaluation only
     FOLDER        an ImageFolder (one sub-folder per class: labels used for evaluation only)
                   or a flat folder of images (no labels, no evaluation)
+    SHARDS        webdataset tar shards (training/data/shards.py)
 
-Every dataset yields (transform(image), label) with label -1 when unknown.
+Every dataset yields (transform(image), label) with label -1 when unknown; a folder image that does not
+decode yields None (logged), which the trainer skips and counts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from bundle.image import load_rgb
+from bundle.image import ImageInputError, load_rgb
 
 from . import procedural
+
+log = logging.getLogger("tandem.data")
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -53,6 +58,11 @@ class ShapesImages(Dataset):
         return self.transform(Image.fromarray(self.pixels[i])), int(self.labels[i])
 
 
+def folder_classes(folder: Path) -> list[str]:
+    """The class sub-folders of an ImageFolder, sorted (empty for a flat folder)."""
+    return sorted(d.name for d in Path(folder).iterdir() if d.is_dir())
+
+
 class FolderImages(Dataset):
     """Images under a folder: class sub-folders give labels, a flat folder gives -1."""
 
@@ -61,7 +71,7 @@ class FolderImages(Dataset):
         if not folder.is_dir():
             raise FileNotFoundError(f"image folder {folder} does not exist")
         self.transform = transform
-        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        classes = folder_classes(folder)
         if classes:
             self.files = [(f, c) for c, name in enumerate(classes) for f in sorted((folder / name).rglob("*"))
                           if f.suffix.lower() in EXTENSIONS]
@@ -74,13 +84,18 @@ class FolderImages(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, int] | None:
         path, label = self.files[i]
-        return self.transform(load_rgb(path)), label
+        try:
+            image = load_rgb(path)
+        except ImageInputError as e:
+            log.warning("skipping %s: %s", path, e)
+            return None
+        return self.transform(image), label
 
 
 def stack(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All (tensor, label) items of a dataset whose transform gives one tensor, as two stacked tensors."""
     n = len(dataset) if limit is None else min(limit, len(dataset))  # type: ignore[arg-type]
-    items = [dataset[i] for i in range(n)]
+    items = [item for item in (dataset[i] for i in range(n)) if item is not None]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])

@@ -9,11 +9,14 @@ from torch import nn
 
 @torch.no_grad()
 def extract(backbone: nn.Module, images: torch.Tensor, batch_size: int = 256,
-            device: torch.device | str = "cpu") -> torch.Tensor:
-    """images: float32 [n, 3, S, S] (already normalised) -> L2-normalised features [n, dim] on the CPU."""
+            device: torch.device | str = "cpu", normalize: bool = True) -> torch.Tensor:
+    """images: float32 [n, 3, S, S] (already normalised) -> features [n, dim] on the CPU, L2-normalised
+    unless `normalize` is False."""
     was_training = backbone.training
     backbone.eval()
-    out = [F.normalize(backbone(images[i : i + batch_size].to(device)).float(), dim=1).cpu()
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = backbone(images[i : i + batch_size].to(device)).float()
+        out.append((F.normalize(x, dim=1) if normalize else x).cpu())
     backbone.train(was_training)
     return torch.cat(out)

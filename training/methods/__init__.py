@@ -1,13 +1,16 @@
-"""Training methods: CLIP (image-text) and the self-supervised visual methods, one module each."""
+"""Training methods: CLIP (image-text) and the self-supervised visual methods, one module each.
+Their settings and defaults are the config classes of training/config.py."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from training.config import SSL_METHODS, SSLConfig, config_class
 
 if TYPE_CHECKING:
     from .base import SSLMethod
 
-SSL_METHODS = ("simclr", "moco_v2", "moco_v3", "byol", "simsiam", "swav", "mae")
+__all__ = ["SSL_METHODS", "load_ssl_method", "ssl_class", "ssl_config"]
 
 
 def ssl_class(name: str) -> type[SSLMethod]:
@@ -26,10 +29,18 @@ def ssl_class(name: str) -> type[SSLMethod]:
     return classes[key]
 
 
+def ssl_config(name: str, **values: Any) -> SSLConfig:
+    """The config of method `name` with `values` instead of its defaults (a name it has not: TypeError)."""
+    cls = config_class(name)
+    if not issubclass(cls, SSLConfig):
+        raise ValueError(f"{name} is not a self-supervised method")
+    return cls(**values)
+
+
 def load_ssl_method(state: dict) -> SSLMethod:  # type: ignore[type-arg]
     """Rebuild a self-supervised method, weights included, from its checkpoint dict."""
-    from .base import SSLConfig
-
-    method = ssl_class(state["method"])(SSLConfig(**state["ssl_config"]))
+    name = state["method"]
+    config = config_class(name).from_dict(state["ssl_config"])
+    method = ssl_class(name)(config, None, state.get("probe_classes", 0))  # type: ignore[arg-type]
     method.load_state_dict(state["state_dict"])
     return method.eval()

@@ -1,22 +1,32 @@
 """What every self-supervised visual method shares: backbone, data, views, evaluation, checkpoints.
 
 A method subclasses SSLMethod, builds its heads in __init__ and defines
-``forward(views) -> loss`` (the trainer calls it through DDP, so gradients are
-synchronised), plus ``after_step`` for momentum updates where it has them.
+``ssl_loss(views) -> (loss, features of the first view)``, plus ``after_step``
+for momentum updates where it has them. The trainer calls ``forward(views,
+labels)`` through DDP (so gradients are synchronised): the method's loss plus,
+where the data has labels, the cross-entropy of an online linear probe on the
+*detached* backbone features (solo-learn's monitor: it learns alongside and
+never changes the encoder).
+
+Every default is in the method's config class (training/config.py).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.backbones import build_backbone
-from training.data.images import FolderImages, ShapesImages, stack
+from training.config import SSLConfig
+from training.data import procedural
+from training.data.images import FolderImages, ShapesImages, folder_classes, stack
+from training.data.shards import ShardImages, is_shards
 from training.distributed import Dist
 from training.evaluation.collapse import collapse_stats, collapse_warning
 from training.evaluation.features import extract
@@ -27,29 +37,13 @@ from training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, rec
 log = logging.getLogger("tandem.ssl")
 
 
-@dataclass
-class SSLConfig:
-    method: str = "simclr"
-    backbone: str = "resnet18-small"
-    image_size: int = 32
-    patch_size: int | None = None  # ViTs: default image_size // 8
-    data: str = "shapes"  # "shapes", an ImageFolder, or a flat folder of images
-    train_size: int = 10_000  # procedural images drawn for training
-    eval_bank_size: int = 2_000  # labelled images whose features the kNN monitor searches
-    eval_size: int = 1_000  # labelled queries (val during training, test at the end)
-    seed: int = 0
-    min_crop_scale: float | None = None  # None = the paper's crop scale (0.08 or 0.2)
-    hidden_dim: int = 512  # projector/predictor widths (papers: 2048-4096; scaled for small backbones)
-    out_dim: int = 128
-    temperature: float | None = None  # None = the method's paper default
-    momentum: float = 0.99  # EMA base for MoCo/BYOL target networks
-    queue_size: int = 4096  # MoCo v2
-    prototypes: int = 100  # SwAV
-    local_crops: int = 4  # SwAV
-    freeze_prototypes_steps: int = 100  # SwAV
-    mask_ratio: float = 0.75  # MAE
-    decoder_width: int = 64  # MAE
-    decoder_depth: int = 2  # MAE
+def data_classes(data: str) -> int:
+    """Labels the training data carries (for the online probe): 56 for shapes, an ImageFolder's classes, else 0."""
+    if data == "shapes":
+        return len(procedural.class_labels())
+    if is_shards(data):
+        return 0
+    return len(folder_classes(Path(data))) if Path(data).is_dir() else 0
 
 
 class SSLMethod(nn.Module):
@@ -57,22 +51,44 @@ class SSLMethod(nn.Module):
     recipe = "simclr"
     sync_batchnorm = True  # convert BatchNorm to SyncBatchNorm under DDP
     needs_vit = False  # True where the method only works on a ViT backbone (MAE)
-    # (optimiser, peak lr at batch 128, weight decay): `tandem train` and the benchmark start from these.
-    default_optimizer: tuple[str, float, float] = ("adamw", 2e-3, 1e-4)
 
-    def __init__(self, config: SSLConfig, dist: Dist | None = None):
+    def __init__(self, config: SSLConfig, dist: Dist | None = None, probe_classes: int | None = None):
+        """`probe_classes`: classes of the online linear probe (None: as many as the data has labels; 0: none)."""
         super().__init__()
         self.config, self.dist = config, dist or Dist()
         self.backbone = build_backbone(config.backbone, config.image_size, config.patch_size)
-        self._eval: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._eval: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
         self._progress = (0, 1)
+        self.probe_classes = data_classes(config.data) if probe_classes is None else probe_classes
+        # BatchNorm without affine standardises the features, so one probe lr suits every optimiser.
+        self.probe = (nn.Sequential(nn.BatchNorm1d(self.backbone.dim, affine=False),
+                                    nn.Linear(self.backbone.dim, self.probe_classes))
+                      if self.probe_classes else None)
+        self.last_probe_loss: torch.Tensor | None = None
 
     @property
     def model(self) -> nn.Module:
         return self
 
-    def temperature(self, default: float) -> float:
-        return self.config.temperature if self.config.temperature is not None else default
+    # -- step ------------------------------------------------------------------
+    def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the method's loss, backbone features [B, dim] of views[0] or None)."""
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> torch.Tensor:
+        loss, features = self.ssl_loss(views)
+        if self.probe is None or labels is None:
+            return loss
+        if features is None:
+            with torch.no_grad():
+                features = self.backbone(views[0])
+        # Unlabelled images (-1) are ignored; a batch without any label adds 0, not NaN.
+        logits = self.probe(features.detach().float())
+        known = labels >= 0
+        probe_loss = (F.cross_entropy(logits[known], labels[known]) if bool(known.any())
+                      else logits.sum() * 0.0)
+        self.last_probe_loss = probe_loss.detach()
+        return loss + probe_loss
 
     # -- data ------------------------------------------------------------------
     def views(self) -> Any:
@@ -82,6 +98,8 @@ class SSLMethod(nn.Module):
         c = self.config
         if c.data == "shapes":
             return ShapesImages("train", c.train_size, self.views(), c.seed, progress=self.dist.is_main)
+        if is_shards(c.data):
+            return ShardImages(c.data, self.views(), seed=c.seed)
         return FolderImages(Path(c.data), self.views())
 
     @staticmethod
@@ -91,11 +109,12 @@ class SSLMethod(nn.Module):
 
     def loss(self, model: nn.Module, batch: tuple[list[torch.Tensor], torch.Tensor], device: torch.device
              ) -> torch.Tensor:
-        return model([v.to(device, non_blocking=True) for v in batch[0]])
+        return model([v.to(device, non_blocking=True) for v in batch[0]], batch[1].to(device, non_blocking=True))
 
-    def after_step(self, step: int = 0, total: int = 1) -> dict[str, float]:
+    def after_step(self, step: int = 0, total: int = 1) -> dict[str, Any]:
+        """Scalars to log (floats or 0-d tensors: the trainer reads them only when it logs)."""
         self._progress = (step, total)
-        return {}
+        return {} if self.last_probe_loss is None else {"probe_loss": self.last_probe_loss}
 
     # -- export ----------------------------------------------------------------
     def projector_module(self) -> nn.Module | None:
@@ -115,43 +134,49 @@ class SSLMethod(nn.Module):
 
     # -- evaluation ------------------------------------------------------------
     def _labelled(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(images, labels, second labels) of a labelled split; for shapes the second labels are the shape."""
-        c = self.config
-        if split in self._eval:
-            return self._eval[split]
-        transform = eval_transform(c.image_size)
-        if c.data == "shapes":
-            n = c.eval_bank_size if split == "bank" else c.eval_size
-            data_split = "train" if split == "bank" else split
-            shapes = ShapesImages(data_split, n, transform, c.seed)
-            x, y = stack(shapes)
-            self._eval[split] = (x, y, shapes.shapes)
-            return self._eval[split]
-        else:
-            folder = FolderImages(Path(c.data), transform)
-            if not folder.classes:
-                return None
-            x, y = stack(folder, limit=c.eval_bank_size + c.eval_size)
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(c.seed))
-            cut = int(0.8 * len(x))
-            part = order[:cut] if split == "bank" else order[cut:]
-            self._eval[split] = (x[part], y[part], y[part])
+        """(images, labels, second labels) of "bank", "val" or "test"; for shapes the second labels are the shape.
+
+        Shapes: the bank is drawn from the training split, val and test from their own splits. An
+        ImageFolder is cut 80/10/10 (by seed) into bank, val and test; other data has no labels (None).
+        """
+        if split not in self._eval:
+            self._eval[split] = self._load_labelled(split)
         return self._eval[split]
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        """kNN top-1 (bank: labelled training images; queries: `split`) and collapse statistics.
+    def _load_labelled(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        c = self.config
+        transform = eval_transform(c.image_size)
+        if c.data == "shapes":
+            n = {"bank": c.eval_bank_size, "val": c.val_size, "test": c.test_size}[split]
+            shapes = ShapesImages("train" if split == "bank" else split, n, transform, c.seed)
+            x, y = stack(shapes)
+            return x, y, shapes.shapes
+        if not self.probe_classes and not (Path(c.data).is_dir() and folder_classes(Path(c.data))):
+            return None
+        folder = FolderImages(Path(c.data), transform)
+        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(c.seed))
+        cut, cut2 = int(0.8 * len(order)), int(0.9 * len(order))
+        part = {"bank": order[:cut][: c.eval_bank_size], "val": order[cut:cut2][: c.val_size],
+                "test": order[cut2:][: c.test_size]}[split]
+        x, y = stack(torch.utils.data.Subset(folder, part.tolist()))
+        return x, y, y
 
-        On shapes, `knn_top1` scores the 56 size-colour-shape classes and
-        `knn_shape_top1` the 4 shapes: colour jitter and random crops teach
-        invariance to colour and size, so the shape is the label these
-        methods are built to recover.
+    def evaluate(self, split: str) -> dict[str, float]:
+        """kNN top-1 (bank: labelled training images; queries: `split`), the online linear probe's top-1,
+        and collapse statistics.
+
+        On shapes, `knn_top1` and `online_linear_top1` score the 56
+        size-colour-shape classes and `knn_shape_top1` the 4 shapes: colour
+        jitter and random crops teach invariance to colour and size, so the
+        shape is the label these methods are built to recover.
         """
         bank, queries = self._labelled("bank"), self._labelled(split)
-        if bank is None or queries is None:
+        if bank is None or queries is None or not len(queries[0]) or not len(bank[0]):
             return {}
         device = self.dist.device
-        train_x = extract(self.backbone, bank[0], device=device)
-        test_x = extract(self.backbone, queries[0], device=device)
+        train_x = F.normalize(extract(self.backbone, bank[0], device=device, normalize=False), dim=1)
+        raw = extract(self.backbone, queries[0], device=device, normalize=False)
+        test_x = F.normalize(raw, dim=1)
         stats = collapse_stats(test_x)
         warning = collapse_warning(stats)
         if warning:
@@ -159,10 +184,25 @@ class SSLMethod(nn.Module):
         out = {"knn_top1": knn_accuracy(train_x, bank[1], test_x, queries[1])}
         if self.config.data == "shapes":
             out["knn_shape_top1"] = knn_accuracy(train_x, bank[2], test_x, queries[2])
+        if self.probe is not None:
+            out["online_linear_top1"] = self.probe_accuracy(raw, queries[1])
         return {**out, "embedding_std": stats["std"], "effective_rank": stats["effective_rank"]}
 
+    @torch.no_grad()
+    def probe_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Top-1 of the online probe on backbone features [n, dim] (unnormalised, as it trains on them)."""
+        assert self.probe is not None
+        was_training = self.probe.training
+        self.probe.eval()
+        device = next(self.probe.parameters()).device
+        pred = torch.cat([self.probe(features[i : i + 1024].to(device)).argmax(1).cpu()
+                          for i in range(0, len(features), 1024)])
+        self.probe.train(was_training)
+        return float((pred == labels).float().mean())
+
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"method": self.name, "ssl_config": asdict(self.config), "model_name": self.config.backbone}
+        return {"method": self.name, "ssl_config": asdict(self.config), "model_name": self.config.backbone,
+                "probe_classes": self.probe_classes}
 
 
 class MomentumMethod(SSLMethod):
@@ -184,10 +224,10 @@ class MomentumMethod(SSLMethod):
         with torch.no_grad():
             return [self.target_projector(self.target_backbone(v)) for v in views]
 
-    def after_step(self, step: int = 0, total: int = 1) -> dict[str, float]:
-        super().after_step(step, total)
+    def after_step(self, step: int = 0, total: int = 1) -> dict[str, Any]:
+        extra = super().after_step(step, total)
         if self.momentum_to_one:
             self.m = cosine_schedule(step, total, self.config.momentum, 1.0)
         update_momentum(self.backbone, self.target_backbone, self.m)
         update_momentum(self.projector, self.target_projector, self.m)  # type: ignore[has-type]
-        return {"momentum": self.m}
+        return {**extra, "momentum": self.m}

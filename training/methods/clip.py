@@ -11,7 +11,6 @@ against the global batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,15 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
+from training.config import ClipConfig
 from training.data import procedural
 from training.data.captions import FolderCaptions, ShapesCaptions
+from training.data.shards import ShardCaptions, is_shards
 from training.distributed import Dist
 from training.evaluation import zero_shot
 from training.models import build_model, clip_tokenizer, preprocess_config
 
 MAX_LOGIT_SCALE = math.log(100)
-
-
-@dataclass
-class ClipConfig:
-    model: str = "tandem-shapes-vit"  # open_clip name, one of training/configs, or a .json path
-    data: str = "shapes"  # "shapes" (procedural) or a folder with captions.csv / captions.jsonl
-    init: str | None = None  # start from this checkpoint file instead of random weights
-    train_size: int = 20_000  # procedural pairs drawn for training
-    val_size: int = 1_000
-    test_size: int = 2_000
-    seed: int = 0
 
 
 class Clip:
@@ -61,6 +51,8 @@ class Clip:
         c = self.config
         if c.data == "shapes":
             return ShapesCaptions("train", c.train_size, self.eval_transform, c.seed, progress=self.dist.is_main)
+        if is_shards(c.data):
+            return ShardCaptions(c.data, self.train_transform, seed=c.seed)
         return FolderCaptions(Path(c.data), self.train_transform)
 
     def collate(self, items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,10 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from training.config import MAEConfig
 from training.losses import masked_patch_mse
 
-from .base import SSLConfig, SSLMethod
+from .base import SSLMethod
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -45,13 +46,11 @@ class MAE(SSLMethod):
     name, recipe = "mae", "mae"
     sync_batchnorm = False
     needs_vit = True
-    default_optimizer = ("adamw", 1e-3, 0.05)
+    config: MAEConfig
 
-    def __init__(self, config: SSLConfig, dist=None):  # type: ignore[no-untyped-def]
-        super().__init__(config, dist)
+    def __init__(self, config: MAEConfig, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
+        super().__init__(config, dist, probe_classes)
         vit = self.backbone.net
-        if not 0 < config.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be between 0 and 1 (exclusive), got {config.mask_ratio}")
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"MAE needs a ViT backbone (vit-micro, vit-tiny, vit-small), not {config.backbone}")
         vit.global_pool = "avg"  # the image's embedding: mean of the patch tokens (docstring)
@@ -89,10 +88,13 @@ class MAE(SSLMethod):
         y = torch.cat([y[:, :1], patches], dim=1) + self.decoder_pos
         return self.decoder_pred(self.decoder_norm(self.decoder(y)))[:, 1:]
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe reads the mean of the *visible* patch tokens: free, where the whole image would cost
+        another encoder pass on four times the tokens."""
         images = views[0]
         n = self.backbone.net.patch_embed.num_patches
         ids_keep, ids_restore, mask = random_masking(n, self.config.mask_ratio, len(images), images.device)
-        prediction = self.decode(self.encode_visible(images, ids_keep), ids_restore)
+        latent = self.encode_visible(images, ids_keep)
+        prediction = self.decode(latent, ids_restore)
         self.last_mask = mask
-        return masked_patch_mse(prediction, patchify(images, self.patch), mask)
+        return masked_patch_mse(prediction, patchify(images, self.patch), mask), latent[:, 1:].mean(dim=1)

@@ -16,22 +16,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from training.config import MoCoV2Config, MoCoV3Config
 from training.heads import moco_v2_projector, moco_v3_predictor, moco_v3_projector
 from training.losses import InfoNCELoss
 from training.losses.gather import gather
 
-from .base import MomentumMethod, SSLConfig
+from .base import MomentumMethod
 
 
 class MoCoV2(MomentumMethod):
     name, recipe = "moco_v2", "moco_v2"
     momentum_to_one = False
+    config: MoCoV2Config
 
-    def __init__(self, config: SSLConfig, dist=None):  # type: ignore[no-untyped-def]
-        super().__init__(config, dist)
+    def __init__(self, config: MoCoV2Config, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
+        super().__init__(config, dist, probe_classes)
         self.projector = moco_v2_projector(self.backbone.dim, config.hidden_dim, config.out_dim)
         self.make_targets()
-        self.criterion = InfoNCELoss(self.temperature(0.2))
+        self.criterion = InfoNCELoss(config.temperature)
         g = torch.Generator().manual_seed(config.seed)
         self.register_buffer("queue", F.normalize(torch.randn(config.queue_size, config.out_dim, generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -44,27 +46,29 @@ class MoCoV2(MomentumMethod):
         self.queue[idx] = keys
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        q = self.projector(self.backbone(views[0]))
+    def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(views[0])
         k = F.normalize(self.targets(views[1:2])[0], dim=1)
-        loss = self.criterion(q, k, self.queue.clone().detach())
+        loss = self.criterion(self.projector(h), k, self.queue.clone().detach())
         self._enqueue(k)
-        return loss
+        return loss, h
 
 
 class MoCoV3(MomentumMethod):
     name, recipe = "moco_v3", "moco_v3"
+    config: MoCoV3Config
 
-    def __init__(self, config: SSLConfig, dist=None):  # type: ignore[no-untyped-def]
-        super().__init__(config, dist)
+    def __init__(self, config: MoCoV3Config, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
+        super().__init__(config, dist, probe_classes)
         c = config
         self.projector = moco_v3_projector(self.backbone.dim, c.hidden_dim, c.out_dim)
         self.predictor = moco_v3_predictor(c.out_dim, c.hidden_dim, c.out_dim)
         self.make_targets()
-        self.criterion = InfoNCELoss(self.temperature(0.2), scale_by_2t=True)
+        self.criterion = InfoNCELoss(config.temperature, scale_by_2t=True)
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        q0, q1 = (self.predictor(self.projector(self.backbone(v))) for v in views[:2])
+    def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h0, h1 = (self.backbone(v) for v in views[:2])
+        q0, q1 = (self.predictor(self.projector(h)) for h in (h0, h1))
         k0, k1 = self.targets(views[:2])
-        return self.criterion(q0, k1) + self.criterion(q1, k0)
+        return self.criterion(q0, k1) + self.criterion(q1, k0), h0
 

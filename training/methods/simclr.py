@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import torch
 
+from training.config import SimCLRConfig
 from training.heads import simclr_projector
 from training.losses import NTXentLoss
 
-from .base import SSLConfig, SSLMethod
+from .base import SSLMethod
 
 
 class SimCLR(SSLMethod):
     name, recipe = "simclr", "simclr"
 
-    def __init__(self, config: SSLConfig, dist=None):  # type: ignore[no-untyped-def]
-        super().__init__(config, dist)
-        self.projector = simclr_projector(self.backbone.dim, config.hidden_dim, config.out_dim)
-        self.criterion = NTXentLoss(self.temperature(0.2))
+    config: SimCLRConfig
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z0, z1 = (self.projector(self.backbone(v)) for v in views[:2])
-        return self.criterion(z0, z1)
+    def __init__(self, config: SimCLRConfig, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
+        super().__init__(config, dist, probe_classes)
+        self.projector = simclr_projector(self.backbone.dim, config.hidden_dim, config.out_dim)
+        self.criterion = NTXentLoss(config.temperature)
+
+    def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h0, h1 = (self.backbone(v) for v in views[:2])
+        return self.criterion(self.projector(h0), self.projector(h1)), h0
