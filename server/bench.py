@@ -305,6 +305,7 @@ def server_delta(before: Samples, after: Samples, models: set[str]) -> dict[str,
         return labels.get("model") in models
 
     buckets: dict[str, list[tuple[float, float]]] = {}
+    rows: dict[str, float] = {}
     stages: dict[str, dict[str, float]] = {}
     methods: dict[str, dict[str, float]] = {}
     codes: Counter[str] = Counter()
@@ -313,6 +314,8 @@ def server_delta(before: Samples, after: Samples, models: set[str]) -> dict[str,
         labels = dict(label_items)
         if name == "tandem_batch_size_bucket" and ours(labels):
             buckets.setdefault(labels["tower"], []).append((float(labels["le"]), value))
+        elif name == "tandem_batch_size_sum" and ours(labels):
+            rows[labels["tower"]] = value
         elif name in ("tandem_stage_seconds_sum", "tandem_stage_seconds_count") and ours(labels):
             key = f"{labels['tower']}/{labels['stage']}"
             stages.setdefault(key, {})[name.rsplit("_", 1)[1]] = value
@@ -333,12 +336,9 @@ def server_delta(before: Samples, after: Samples, models: set[str]) -> dict[str,
             histogram[_bucket_range(previous_le, le)] = int(round(count - previous_count))
             previous_le, previous_count = le, count
         batches = int(round(previous_count))
-        if not batches:
-            continue
-        rows = sum(v for (n, lab), v in delta.items() if n == "tandem_batch_size_sum" and dict(lab).get("tower") ==
-                   tower and ours(dict(lab)))
-        batch_sizes[tower] = {"batches": batches, "rows": int(round(rows)), "mean": rows / batches,
-                              "histogram": histogram}
+        if batches:
+            batch_sizes[tower] = {"batches": batches, "rows": int(round(rows[tower])), "mean": rows[tower] / batches,
+                                  "histogram": histogram}
     return {
         "batch_sizes": batch_sizes,
         "stages": {key: {"count": int(v.get("count", 0)), "total_s": v.get("sum", 0.0),
