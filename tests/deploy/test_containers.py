@@ -43,6 +43,12 @@ def test_serving_image_runs_as_non_root_under_tini() -> None:
     assert args.allow_insecure_public is True  # the plain `docker run` default, replaced by any flags given
 
 
+def test_serving_image_bounds_malloc_arenas() -> None:
+    """Without it, resident memory grew 17% in 2 minutes of collection load (benchmarks/soak.py)."""
+    final = dockerfile_stages(SERVING)[-1]
+    assert any("MALLOC_ARENA_MAX=2" in env for env in final.all("ENV"))
+
+
 def test_serving_image_has_a_healthcheck_it_ships() -> None:
     final = dockerfile_stages(SERVING)[-1]
     check = final.last("HEALTHCHECK") or ""
