@@ -276,6 +276,10 @@ def test_the_server_accepts_its_flags_config_and_environment(overlay: str, tmp_p
         loaded = load(None, env={"TANDEM_CONFIG": str(toml)})  # unknown keys or bad types raise
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert (loaded.port, loaded.metrics_port) == (ports["grpc"], ports["metrics"])
+        # SIGKILL only after the preStop sleep and the server's own shutdown grace, with room to close collections.
+        pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+        grace = w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert pre_stop + loaded.shutdown_grace_seconds + 10 <= grace, w["metadata"]["name"]
 
 
 def test_production_serves_tls_and_tokens_from_secrets() -> None:
