@@ -63,6 +63,10 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._labels = labels
         self.last_run_s = float("inf")  # how long the latest model run took (inf: none yet)
+        # Export the series from the start: a rate() or increase() over a series that appears at its first
+        # rejection never counts that first one.
+        metrics.QUEUE_REJECTED.labels(*labels)
+        metrics.QUEUE_ROWS.labels(*labels).set(0)
 
     def start(self) -> None:
         if self._task is None:
