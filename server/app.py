@@ -1,9 +1,11 @@
 """The gRPC server: listen first (health says NOT_SERVING), load and warm the models, open the
-collections, then SERVING."""
+collections, then SERVING. Signals are handled from the first moment (in a container the server is
+PID 1): SIGTERM during loading stops at once, afterwards calls in progress get shutdown_grace_seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -39,6 +41,9 @@ class TandemServer:
         self.registry = Registry(config)
         self.collections = Collections(Path(config.data_dir), config.snapshot_every_changes, config.device)
         self.health = health.aio.HealthServicer()
+        self.registry.health = self.health  # one service name per bundle: tandem.model/<name>/<version>
+        self._poll: asyncio.Task[None] | None = None
+        self._collections_open = False
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -82,24 +87,34 @@ class TandemServer:
             ", tokens" if self.tokens else ", no tokens")
         log.info("listening on %s:%d, %s (NOT_SERVING until models are warm)", c.host, self.port, access)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.registry.load)
-        await self.registry.warm_up()
+        await self.registry.start()
         await loop.run_in_executor(None, self.collections.load)
+        self._collections_open = True
         for c in self.collections.all():
             observe(c)
         for c in self.collections.all():
             log.info("collection %s: %d items, %s index, searching on the %s", c.spec.name, c.count(), c.kind,
                      "GPU" if c.device == "cuda" else "CPU")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING %d model(s), %d collection(s); default model %s/%s", len(self.registry.all()),
-                 len(self.collections.all()), *self.registry.default)
+        unavailable = [f"{e.name}/{e.version}" for e, m in self.registry.listing() if m is None]
+        log.info("SERVING %d model(s)%s, %d collection(s); default model %s", len(self.registry.all()),
+                 f" ({len(unavailable)} unavailable: {', '.join(unavailable)})" if unavailable else "",
+                 len(self.collections.all()), "/".join(self.registry.default or ("none",)))
+        if (every := self.config.model_poll_seconds) > 0:
+            self._poll = loop.create_task(self.registry.poll_forever(every), name="model-poll")
+            log.info("polling %s for bundle changes every %d s", self.config.models, every)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, give calls in progress up to grace_s (shutdown_grace_seconds) to
+        finish, then close everything."""
+        if self._poll is not None:
+            self._poll.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        await self.server.stop(self.config.shutdown_grace_seconds if grace_s is None else grace_s)
         await self.collections_service.close()
         await self.registry.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.collections.close)
+        if self._collections_open:  # a start-up stopped while collections were opening leaves them be
+            await asyncio.get_running_loop().run_in_executor(None, self.collections.close)
 
 
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
@@ -107,23 +122,33 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=metrics_host)
         log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, config.metrics_port)
-    server = TandemServer(config)
-    try:
-        await server.start()
-    except BaseException:
-        await server.stop(0)  # close the listening port before the error reaches the user
-        raise
-    if ready:
-        ready.set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before anything slow: loading can take minutes
         loop.add_signal_handler(sig, stop.set)
+    server = TandemServer(config)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stopping during start-up")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await server.stop(0)
+        return
+    if (error := starting.exception()) is not None:
+        stopping.cancel()
+        await server.stop(0)  # close the listening port before the error reaches the user
+        raise error
+    if ready:
+        ready.set()
     _print_howto(config, server)
-    await stop.wait()
-    log.info("shutting down")
+    await stopping
+    log.info("shutting down: calls in progress get up to %d s", config.shutdown_grace_seconds)
     await server.stop()
+    log.info("stopped")
 
 
 def _print_howto(config: ServerConfig, server: TandemServer) -> None:

@@ -46,6 +46,8 @@ METHOD_SCOPES: dict[str, str] = {
     "/tandem.v1.Inference/Classify": "infer",
     "/tandem.v1.Models/ListModels": ANY,  # what is served: every client needs it to pick a model
     "/tandem.v1.Models/GetModel": ANY,
+    "/tandem.v1.Models/LoadModel": "admin",
+    "/tandem.v1.Models/UnloadModel": "admin",
     "/tandem.v1.Collections/Search": "read",
     "/tandem.v1.Collections/Get": "read",
     "/tandem.v1.Collections/ListCollections": "read",

@@ -1,26 +1,80 @@
-"""Loaded models: ONNX sessions, tokenizers and one batcher per (model, tower)."""
+"""The model repository as the server sees it: every bundle folder with its status (READY, LOADING,
+UNAVAILABLE with the reason, UNLOADED) and, for the ready ones, the ONNX sessions, the tokenizer and one
+batcher per (model, tower). Bundles load and unload while the server runs: LoadModel/UnloadModel and
+polling (docs/models.md). A bundle that fails to load is listed with its reason and the others serve."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-from bundle import Bundle, discover, load_bundle, version_key
+from bundle import Bundle, BundleError, discover, load_bundle, version_key
+from bundle.signing import load_public_key
 from bundle.tokenizer import ClipTokenizer
 
 from . import metrics
 from .batcher import Batcher
 from .config import ServerConfig
-from .errors import not_found, unavailable
+from .errors import ApiError, failed_precondition, not_found, unavailable
 from .runtime import Tower, choose_providers
 
 log = logging.getLogger("tandem.registry")
+T = TypeVar("T")
+
+READY, LOADING, UNAVAILABLE, UNLOADED = "READY", "LOADING", "UNAVAILABLE", "UNLOADED"
+UNLOADED_REASON = "unloaded by UnloadModel; LoadModel serves it again"
+
+
+def health_name(name: str, version: str) -> str:
+    """The grpc.health.v1 service name of one bundle: SERVING while it is READY."""
+    return f"tandem.model/{name}/{version}"
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a thread of its own. A daemon thread, unlike an executor's: one stuck loading a bundle
+    (a slow disk, a huge model) does not hold up the process's exit on SIGTERM."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(deliver, result, error)
+
+    threading.Thread(target=work, name=f"load-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    return await future
+
+
+def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of a bundle folder's files: polling reloads when it changes."""
+    files = []
+    for p in sorted(folder.rglob("*")):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                st = p.stat()
+                files.append((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns))
+    return tuple(files)
 
 
 class LabelCache:
@@ -52,6 +106,8 @@ class LoadedModel:
     tokenizer: ClipTokenizer | None
     provider: str
     labels: LabelCache = field(default_factory=lambda: LabelCache(256))
+    # The request tasks that looked this model up (Registry.get): unloading waits for them to finish.
+    users: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -62,80 +118,307 @@ class LoadedModel:
         return self.bundle.manifest.version
 
 
+@dataclass
+class Entry:
+    """One <name>/<version> folder of the repository, served or not."""
+
+    name: str
+    version: str
+    status: str
+    reason: str = ""  # why it is not READY; for a READY one, why its last reload failed
+    fingerprint: tuple[tuple[str, int, int], ...] = ()  # of the folder when last loaded or tried
+
+
 class Registry:
-    """Every bundle in the model repository, by name and version."""
+    """Every bundle in the model repository, by name and version.
+
+    `models` holds the READY ones (name -> version -> LoadedModel): what requests are served with.
+    `entries` holds every folder the registry has seen, with its status and reason. Loads, reloads,
+    unloads and polls run one at a time (`_lock`); a reload swaps the new copy in only once it is
+    warm, and the old copy's batchers stop once the requests using it have finished.
+    """
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.repository = Path(config.models)
         self.models: dict[str, dict[str, LoadedModel]] = {}
-        self.default: tuple[str, str] | None = None
+        self.entries: dict[tuple[str, str], Entry] = {}
+        self.ready = False  # the start-up load is over
+        self.health: Any = None  # a grpc_health HealthServicer: per-bundle statuses go there when set
+        self.public_key = load_public_key(Path(config.bundle_public_key)) if config.bundle_public_key else None
         self.inference_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ort")
         self.preprocess_pool = ThreadPoolExecutor(max_workers=config.preprocess_threads, thread_name_prefix="pre")
+        self._providers: list[str] | None = None
+        self._lock = asyncio.Lock()
+        self._retiring: dict[asyncio.Task[None], LoadedModel] = {}  # copies draining after unload or reload
 
-    def load(self) -> None:
-        """Load every bundle under config.models (runs in a thread at start-up)."""
-        providers = choose_providers(self.config.device)
-        folders = discover(Path(self.config.models))
-        if not folders:
-            raise RuntimeError(f"no bundles under {self.config.models} (expected <name>/<version>/manifest.json)")
-        for folder in folders:
-            bundle = load_bundle(folder, verify_hashes=self.config.verify_hashes)
-            m = bundle.manifest
-            towers = {}
-            for tower, path in (("image", bundle.image_path), ("text", bundle.text_path)):
-                if path is not None:
-                    towers[tower] = Tower(path, providers, m.precision,
-                                          self.config.intra_op_threads, self.config.inter_op_threads)
-            provider = towers["image"].provider
-            loaded = LoadedModel(
-                bundle=bundle,
-                image=self._batcher(towers["image"], m.name, "image"),
-                text=self._batcher(towers["text"], m.name, "text") if "text" in towers else None,
-                tokenizer=ClipTokenizer(bundle.tokenizer_path, m.text.context_length) if m.text else None,
-                provider=provider,
-                labels=LabelCache(self.config.label_cache_size),
-            )
-            self.models.setdefault(m.name, {})[m.version] = loaded
-            metrics.MODEL_INFO.labels(m.name, m.version, m.kind, provider).set(1)
-            log.info("loaded %s/%s (%s, dim %d) on %s", m.name, m.version, m.kind, m.dim, provider)
-        names = list(self.models)
-        default = self.config.default_model or names[0]
-        if default not in self.models:
-            raise RuntimeError(f"default_model {default!r} is not in {self.config.models} (found {names})")
-        self.default = (default, self._latest(default))
+    # -- start-up --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every bundle of the repository. Raises BundleError, with every reason, if none loads."""
+        async with self._lock:
+            folders = discover(self.repository)
+            if not folders:
+                raise BundleError(f"no bundles under {self.repository} (expected <name>/<version>/manifest.json)")
+            for folder in folders:
+                await self._load(folder)
+        if not self.models:
+            raise BundleError(f"none of the {len(folders)} bundle(s) under {self.repository} could be loaded:\n"
+                              + "\n".join(f"  {e.name}/{e.version}: {e.reason}" for e in self.entries.values()))
+        default = self.config.default_model
+        if default and default not in {name for name, _ in self.entries}:
+            raise BundleError(f"default_model {default!r} is not in {self.repository} "
+                              f"(found {sorted({name for name, _ in self.entries})})")
+        if default and default not in self.models:
+            log.error("default_model %s did not load: requests that name no model get FAILED_PRECONDITION", default)
+        self.ready = True
+
+    # -- loading ---------------------------------------------------------------------
+    def _open(self, folder: Path) -> LoadedModel:
+        """Check the bundle and open its ONNX sessions and tokenizer (in a thread: this is the slow part)."""
+        if self._providers is None:
+            self._providers = choose_providers(self.config.device)
+        bundle = load_bundle(folder, verify_hashes=self.config.verify_hashes, public_key=self.public_key)
+        m = bundle.manifest
+        towers = {}
+        for tower, path in (("image", bundle.image_path), ("text", bundle.text_path)):
+            if path is not None:
+                towers[tower] = Tower(path, self._providers, m.precision,
+                                      self.config.intra_op_threads, self.config.inter_op_threads)
+        return LoadedModel(
+            bundle=bundle,
+            image=self._batcher(towers["image"], m.name, "image"),
+            text=self._batcher(towers["text"], m.name, "text") if "text" in towers else None,
+            tokenizer=ClipTokenizer(bundle.tokenizer_path, m.text.context_length) if m.text else None,
+            provider=towers["image"].provider,
+            labels=LabelCache(self.config.label_cache_size),
+        )
 
     def _batcher(self, tower: Tower, name: str, kind: str) -> Batcher:
         c = self.config
         return Batcher(tower, self.inference_pool, c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows,
                        labels=(name, kind))
 
-    def _latest(self, name: str) -> str:
-        return max(self.models[name], key=version_key)
+    @staticmethod
+    async def _warm_up(m: LoadedModel) -> None:
+        """One run per tower so the first real request does not pay ONNX Runtime's set-up."""
+        size = m.bundle.manifest.image.size
+        await m.image.submit(np.zeros((1, 3, size, size), np.float32))
+        if m.text is not None and m.tokenizer is not None:
+            await m.text.submit(m.tokenizer.encode_batch(["warm up"])[0])
+
+    async def _load(self, folder: Path) -> Entry:
+        """Load (or reload) one bundle folder; on failure the copy loaded before, if any, keeps serving."""
+        name, version = folder.parent.name, folder.name
+        old = self.models.get(name, {}).get(version)
+        entry = self.entries.get((name, version))
+        if entry is None or old is None:
+            entry = self.entries[(name, version)] = Entry(name, version, LOADING)
+            await self._set_health(name, version, False)
+        entry.fingerprint = fingerprint(folder)
+        log.info("%s %s/%s", "reloading" if old else "loading", name, version)
+        loaded = None
+        try:
+            loaded = await in_daemon_thread(self._open, folder)
+            await self._warm_up(loaded)
+        except Exception as e:
+            if loaded is not None:
+                await self._stop(loaded)
+            reason = self._public(str(e) if isinstance(e, BundleError) else f"{type(e).__name__}: {e}")
+            if old is None:
+                entry.status, entry.reason = UNAVAILABLE, reason
+                log.error("%s/%s is UNAVAILABLE: %s", name, version, e)
+            else:
+                entry.reason = f"reloading failed, the copy loaded before keeps serving: {reason}"
+                log.error("reloading %s/%s failed, the copy loaded before keeps serving: %s", name, version, e)
+            return entry
+        if old is not None:
+            self._forget_metrics(old)
+        self.models.setdefault(name, {})[version] = loaded
+        entry.status, entry.reason = READY, ""
+        m = loaded.bundle.manifest
+        metrics.MODEL_INFO.labels(name, version, m.kind, loaded.provider).set(1)
+        await self._set_health(name, version, True)
+        log.info("loaded %s/%s (%s, dim %d) on %s", name, version, m.kind, m.dim, loaded.provider)
+        if old is not None:
+            self._retire_in_background(old)
+        return entry
+
+    async def load(self, name: str, version: str) -> list[Entry]:
+        """LoadModel: load or reload <name>/<version> (every version of name if version is empty)."""
+        async with self._lock:
+            try:
+                folders = discover(self.repository)
+            except BundleError as e:
+                raise failed_precondition(str(e)) from None
+            chosen = [f for f in folders if f.parent.name == name and (not version or f.name == version)]
+            if not chosen:
+                found = ", ".join(f"{f.parent.name}/{f.name}" for f in folders) or "none"
+                raise not_found(f"the model repository has no bundle {name}/{version or '*'} "
+                                f"(<name>/<version>/manifest.json); it has: {found}")
+            return [await self._load(f) for f in chosen]
+
+    # -- unloading -------------------------------------------------------------------
+    async def unload(self, name: str, version: str) -> list[LoadedModel]:
+        """UnloadModel: stop serving <name>/<version> (every loaded version of name if version is empty).
+        Returns once the requests that were using them have finished and their batchers have stopped."""
+        async with self._lock:
+            versions = self.models.get(name, {})
+            chosen = [versions[version]] if version in versions else [] if version else list(versions.values())
+            if not chosen:
+                loaded = ", ".join(f"{m.name}/{m.version}" for m in self.all()) or "none"
+                raise not_found(f"model {name}/{version or '*'} is not loaded, so there is nothing to unload; "
+                                f"loaded: {loaded}")
+            for m in chosen:
+                self._remove(m.name, m.version)
+                entry = self.entries.setdefault((m.name, m.version), Entry(m.name, m.version, UNLOADED))
+                entry.status, entry.reason = UNLOADED, UNLOADED_REASON
+                await self._set_health(m.name, m.version, False)
+                log.info("unloaded %s/%s; draining its requests in progress", m.name, m.version)
+        # Shielded: an UnloadModel call that gives up waiting does not stop the drain.
+        await asyncio.shield(asyncio.gather(*(self._retire_in_background(m) for m in chosen)))
+        return chosen
+
+    def _remove(self, name: str, version: str) -> LoadedModel | None:
+        versions = self.models.get(name, {})
+        m = versions.pop(version, None)
+        if not versions:
+            self.models.pop(name, None)
+        return m
+
+    def _retire_in_background(self, m: LoadedModel) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._retire(m), name=f"retire-{m.name}/{m.version}")
+        self._retiring[task] = m
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
+        return task
+
+    async def _retire(self, m: LoadedModel) -> None:
+        """Drain: wait for the requests that looked m up, then for its batchers to go idle, then stop them."""
+        users = {t for t in m.users if not t.done()}
+        if users:
+            await asyncio.wait(users)
+        for b in (m.image, m.text):
+            # Callers that reached the model without Registry.get (none should) still get their answers.
+            while b is not None and not b.idle:
+                await asyncio.sleep(0.01)
+        await self._stop(m)
+        if self.models.get(m.name, {}).get(m.version) is None:
+            self._forget_metrics(m)
+        log.info("%s/%s: in-flight requests done, sessions closed", m.name, m.version)
+
+    @staticmethod
+    async def _stop(m: LoadedModel) -> None:
+        await asyncio.gather(*(b.stop() for b in (m.image, m.text) if b is not None))
+
+    @staticmethod
+    def _forget_metrics(m: LoadedModel) -> None:
+        with contextlib.suppress(KeyError):
+            metrics.MODEL_INFO.remove(m.name, m.version, m.bundle.manifest.kind, m.provider)
+
+    # -- polling ---------------------------------------------------------------------
+    async def poll(self) -> None:
+        """Load bundles added to the repository or changed since they were (last) tried; unload removed ones.
+        Bundles unloaded by UnloadModel are left alone."""
+        async with self._lock:
+            try:
+                folders = discover(self.repository)
+            except BundleError as e:
+                log.warning("model polling: %s", e)
+                return
+            seen = set()
+            for folder in folders:
+                key = (folder.parent.name, folder.name)
+                seen.add(key)
+                entry = self.entries.get(key)
+                if entry is None or (entry.status != UNLOADED and entry.fingerprint != fingerprint(folder)):
+                    await self._load(folder)
+            for name, version in [k for k in self.entries if k not in seen]:
+                del self.entries[(name, version)]
+                await self._set_health(name, version, False)
+                if (m := self._remove(name, version)) is not None:
+                    log.info("%s/%s left the model repository: unloading it", name, version)
+                    self._retire_in_background(m)
+
+    async def poll_forever(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.poll()
+            except Exception:  # the next poll tries again; the server keeps serving
+                log.exception("model polling failed")
+
+    # -- lookups ---------------------------------------------------------------------
+    @property
+    def default(self) -> tuple[str, str] | None:
+        """(name, version) a request that names no model gets; None while that model is not ready."""
+        name = self.config.default_model or min(self.models, default="")
+        versions = self.models.get(name)
+        return (name, max(versions, key=version_key)) if versions else None
 
     def get(self, name: str, version: str) -> LoadedModel:
-        if self.default is None:
+        """The READY model a request asked for (empty name: the default, empty version: the highest).
+        The calling request's task is remembered, so that unloading the model waits for it."""
+        if not self.ready:
             raise unavailable("the server is still loading its models; retry shortly")
-        name = name or self.default[0]
-        versions = self.models.get(name)
-        if versions is None:
-            raise not_found(f"model {name!r} is not loaded; loaded models: {', '.join(sorted(self.models))}")
-        version = version or self._latest(name)
-        if version not in versions:
-            raise not_found(f"model {name!r} has no version {version!r}; loaded versions: {', '.join(versions)}")
-        return versions[version]
+        name = name or self.config.default_model or min(self.models, default="")
+        versions = self.models.get(name, {})
+        version = version or max(versions, key=version_key, default="")
+        m = versions.get(version)
+        if m is None:
+            raise self._missing(name, version)
+        with contextlib.suppress(RuntimeError):
+            task = asyncio.current_task()
+            if task is not None and task not in m.users:
+                m.users.add(task)
+                task.add_done_callback(m.users.discard)
+        return m
+
+    def _missing(self, name: str, version: str) -> ApiError:
+        known = [e for (n, v), e in self.entries.items() if n == name and (not version or v == version)]
+        failed = [e for e in known if e.status in (UNAVAILABLE, LOADING)]
+        if failed:
+            e = max(failed, key=lambda e: version_key(e.version))
+            if e.status == LOADING:
+                return unavailable(f"model {e.name}/{e.version} is still loading; retry shortly")
+            return failed_precondition(f"model {e.name}/{e.version} is UNAVAILABLE: it failed to load: {e.reason}")
+        loaded = ", ".join(sorted(self.models)) or "none"
+        if known:
+            return not_found(f"model {name}/{known[0].version} was unloaded (UnloadModel); loaded models: {loaded}")
+        if name not in self.models:
+            return not_found(f"model {name!r} is not loaded; loaded models: {loaded}")
+        return not_found(f"model {name!r} has no version {version!r}; loaded versions: {', '.join(self.models[name])}")
+
+    def entry(self, name: str, version: str) -> Entry | None:
+        """The repository entry <name>/<version> (highest version if empty), READY or not."""
+        known = [e for (n, _), e in self.entries.items() if n == name and (not version or e.version == version)]
+        return max(known, key=lambda e: version_key(e.version), default=None)
+
+    def listing(self) -> list[tuple[Entry, LoadedModel | None]]:
+        """Every entry, by name then version, with its LoadedModel when READY."""
+        keys = sorted(self.entries, key=lambda k: (k[0], version_key(k[1])))
+        return [(self.entries[k], self.models.get(k[0], {}).get(k[1])) for k in keys]
 
     def all(self) -> list[LoadedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
 
-    async def warm_up(self) -> None:
-        """One run per tower so the first real request does not pay ONNX Runtime's set-up."""
-        for m in self.all():
-            size = m.bundle.manifest.image.size
-            await m.image.submit(np.zeros((1, 3, size, size), np.float32))
-            if m.text is not None and m.tokenizer is not None:
-                await m.text.submit(m.tokenizer.encode_batch(["warm up"])[0])
+    # -- helpers ---------------------------------------------------------------------
+    def _public(self, reason: str) -> str:
+        """A load error as clients see it: without the model repository's local path unless configured."""
+        if self.config.reveal_source_paths:
+            return reason
+        for prefix in {str(self.repository.resolve()), str(self.repository)}:
+            reason = reason.replace(prefix.rstrip("/") + "/", "")
+        return reason
+
+    async def _set_health(self, name: str, version: str, serving: bool) -> None:
+        if self.health is not None:
+            from grpc_health.v1 import health_pb2
+
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self.health.set(health_name(name, version), status)
 
     async def close(self) -> None:
-        await asyncio.gather(*(b.stop() for m in self.all() for b in (m.image, m.text) if b is not None))
+        for task in self._retiring:
+            task.cancel()
+        await asyncio.gather(*(self._stop(m) for m in [*self.all(), *self._retiring.values()]))
         self.inference_pool.shutdown(wait=False, cancel_futures=True)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,7 +17,7 @@ from bundle.image import ImageInputError, preprocess
 from . import metrics, wire
 from .config import ServerConfig
 from .errors import ApiError, failed_precondition, invalid, rpc
-from .registry import LoadedModel, Registry
+from .registry import READY, Entry, LoadedModel, Registry
 
 
 def _ref(m: LoadedModel) -> pb.ModelRef:
@@ -197,27 +198,78 @@ class Inference(pb_grpc.InferenceServicer):
 
 
 class Models(pb_grpc.ModelsServicer):
+    """What the model repository holds and in which state; LoadModel and UnloadModel (scope admin)."""
+
     def __init__(self, registry: Registry):
         self.registry = registry
 
-    @staticmethod
-    def info(m: LoadedModel) -> pb.ModelInfo:
+    def info(self, m: LoadedModel) -> pb.ModelInfo:
         man = m.bundle.manifest
+        entry = self.registry.entry(m.name, m.version)
         return pb.ModelInfo(
             model=_ref(m), kind=man.kind, dim=man.dim, image_size=man.image.size,
             context_length=man.text.context_length if man.text else 0, logit_scale=man.logit_scale,
             precision=man.precision, architecture=man.architecture,
-            source=str(man.source.get("checkpoint") or man.source.get("weights") or ""),
+            source=self.source(man.source, self.registry.config.reveal_source_paths),
             parity_min_cosine=float(man.parity.get("min_cosine", 0.0)),
             towers=["image", "text"] if man.text else ["image"], execution_provider=m.provider,
+            status=pb.MODEL_STATUS_READY, reason=entry.reason if entry else "",
         )
+
+    def entry_info(self, e: Entry, m: LoadedModel | None) -> pb.ModelInfo:
+        if m is not None:
+            return self.info(m)
+        return pb.ModelInfo(model=pb.ModelRef(name=e.name, version=e.version),
+                            status=pb.ModelStatus.Value(f"MODEL_STATUS_{e.status}"), reason=e.reason)
+
+    @staticmethod
+    def source(source: dict[str, Any], reveal_paths: bool) -> str:
+        """Where a bundle's weights came from, without local paths unless the operator allows them."""
+        checkpoint, digest = source.get("checkpoint"), source.get("checkpoint_sha256")
+        if checkpoint and reveal_paths:
+            return str(checkpoint)
+        if digest:
+            return f"checkpoint sha256:{str(digest)[:12]}"
+        return str(source.get("weights") or "")
 
     @rpc("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
-        default = self.registry.get("", "")
-        return pb.ListModelsResponse(models=[self.info(m) for m in self.registry.all()], default_model=_ref(default))
+        default = self.registry.default
+        return pb.ListModelsResponse(
+            models=[self.entry_info(e, m) for e, m in self.registry.listing()],
+            default_model=pb.ModelRef(name=default[0], version=default[1]) if default else None,
+        )
 
     @rpc("GetModel")
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return self.info(self.registry.get(request.model, request.version))
+        try:
+            return self.info(self.registry.get(request.model, request.version))
+        except ApiError:
+            entry = self.registry.entry(request.model, request.version) if request.model else None
+            if entry is None:
+                raise
+            return self.entry_info(entry, None)
+
+    @staticmethod
+    def _check_ref(model: str, what: str) -> None:
+        if not model:
+            raise invalid(f"{what} needs `model`, the bundle's folder name in the model repository "
+                          "(ListModels lists them); `version` may be empty for every version")
+
+    @rpc("LoadModel")
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.LoadModelResponse:
+        self._check_ref(request.model, "LoadModel")
+        entries = await self.registry.load(request.model, request.version)
+        if failed := [e for e in entries if e.status != READY or e.reason]:
+            raise failed_precondition("; ".join(f"{e.name}/{e.version}: {e.reason}" for e in failed))
+        return pb.LoadModelResponse(models=[self.info(self.registry.models[e.name][e.version]) for e in entries])
+
+    @rpc("UnloadModel")
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.UnloadModelResponse:
+        self._check_ref(request.model, "UnloadModel")
+        unloaded = await self.registry.unload(request.model, request.version)
+        return pb.UnloadModelResponse(unloaded=[_ref(m) for m in unloaded])
+

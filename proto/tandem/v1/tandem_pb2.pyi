@@ -12,8 +12,21 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
+
+class ModelStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATUS_UNSPECIFIED: _ClassVar[ModelStatus]
+    MODEL_STATUS_READY: _ClassVar[ModelStatus]
+    MODEL_STATUS_LOADING: _ClassVar[ModelStatus]
+    MODEL_STATUS_UNAVAILABLE: _ClassVar[ModelStatus]
+    MODEL_STATUS_UNLOADED: _ClassVar[ModelStatus]
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
+MODEL_STATUS_UNSPECIFIED: ModelStatus
+MODEL_STATUS_READY: ModelStatus
+MODEL_STATUS_LOADING: ModelStatus
+MODEL_STATUS_UNAVAILABLE: ModelStatus
+MODEL_STATUS_UNLOADED: ModelStatus
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
@@ -139,6 +152,34 @@ class ListModelsResponse(_message.Message):
     default_model: ModelRef
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("unloaded",)
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: _containers.RepeatedCompositeFieldContainer[ModelRef]
+    def __init__(self, unloaded: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ...) -> None: ...
+
 class GetModelRequest(_message.Message):
     __slots__ = ("model", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -148,7 +189,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "kind", "dim", "image_size", "context_length", "logit_scale", "precision", "architecture", "source", "parity_min_cosine", "towers", "execution_provider")
+    __slots__ = ("model", "kind", "dim", "image_size", "context_length", "logit_scale", "precision", "architecture", "source", "parity_min_cosine", "towers", "execution_provider", "status", "reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +202,8 @@ class ModelInfo(_message.Message):
     PARITY_MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
     TOWERS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     kind: str
     dim: int
@@ -173,7 +216,9 @@ class ModelInfo(_message.Message):
     parity_min_cosine: float
     towers: _containers.RepeatedScalarFieldContainer[str]
     execution_provider: str
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., kind: _Optional[str] = ..., dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., precision: _Optional[str] = ..., architecture: _Optional[str] = ..., source: _Optional[str] = ..., parity_min_cosine: _Optional[float] = ..., towers: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+    status: ModelStatus
+    reason: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., kind: _Optional[str] = ..., dim: _Optional[int] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., logit_scale: _Optional[float] = ..., precision: _Optional[str] = ..., architecture: _Optional[str] = ..., source: _Optional[str] = ..., parity_min_cosine: _Optional[float] = ..., towers: _Optional[_Iterable[str]] = ..., execution_provider: _Optional[str] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name", "model", "version", "index_spec", "metric")

@@ -192,6 +192,11 @@ class Inference:
 class ModelsStub:
     """---------------------------------------------------------------- models --
 
+    Every bundle of the model repository the server knows of, served or not.
+    A bundle that fails to load is listed as UNAVAILABLE with the reason, and
+    the others are served. Health (grpc.health.v1) has one service name per
+    bundle, "tandem.model/<name>/<version>": SERVING while it is READY.
+    docs/models.md describes the lifecycle.
     """
 
     def __init__(self, channel):
@@ -210,11 +215,26 @@ class ModelsStub:
                 request_serializer=tandem_dot_v1_dot_tandem__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_tandem__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/tandem.v1.Models/LoadModel',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/tandem.v1.Models/UnloadModel',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
     """---------------------------------------------------------------- models --
 
+    Every bundle of the model repository the server knows of, served or not.
+    A bundle that fails to load is listed as UNAVAILABLE with the reason, and
+    the others are served. Health (grpc.health.v1) has one service name per
+    bundle, "tandem.model/<name>/<version>": SERVING while it is READY.
+    docs/models.md describes the lifecycle.
     """
 
     def ListModels(self, request, context):
@@ -225,6 +245,27 @@ class ModelsServicer:
 
     def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Admin (token scope `admin`). Load a bundle from the model repository, or
+        load it again after it changed. While the new copy loads and warms up,
+        the old one keeps serving; if the new copy fails, the old one stays and
+        the call answers FAILED_PRECONDITION with the reason. Answers when the
+        bundle is ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Admin. Stop serving a bundle: new requests for it answer NOT_FOUND at
+        once, requests already in progress finish, then its sessions close.
+        Answers when they have finished. It stays unloaded (model polling too
+        leaves it alone) until LoadModel.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -242,6 +283,16 @@ def add_ModelsServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_tandem__pb2.GetModelRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_tandem__pb2.ModelInfo.SerializeToString,
             ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.LoadModelRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.UnloadModelRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.UnloadModelResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Models', rpc_method_handlers)
@@ -253,6 +304,11 @@ def add_ModelsServicer_to_server(servicer, server):
 class Models:
     """---------------------------------------------------------------- models --
 
+    Every bundle of the model repository the server knows of, served or not.
+    A bundle that fails to load is listed as UNAVAILABLE with the reason, and
+    the others are served. Health (grpc.health.v1) has one service name per
+    bundle, "tandem.model/<name>/<version>": SERVING while it is READY.
+    docs/models.md describes the lifecycle.
     """
 
     @staticmethod
@@ -299,6 +355,60 @@ class Models:
             '/tandem.v1.Models/GetModel',
             tandem_dot_v1_dot_tandem__pb2.GetModelRequest.SerializeToString,
             tandem_dot_v1_dot_tandem__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Models/LoadModel',
+            tandem_dot_v1_dot_tandem__pb2.LoadModelRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Models/UnloadModel',
+            tandem_dot_v1_dot_tandem__pb2.UnloadModelRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
