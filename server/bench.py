@@ -206,6 +206,18 @@ class Load:
     elapsed_s: float
     messages: dict[str, str]  # the first message of each error code
     cpu_s: float  # CPU time of this process (the clients, gRPC's threads included) during the run
+    machine_cpu_s: float | None  # CPU time of every process on this machine during the run (Linux), else None
+
+
+def machine_busy_s() -> float | None:
+    """Seconds of CPU time every core of this machine has spent busy since boot (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is counted in user already
 
 
 async def run_load(calls: Calls, plan: Plan, concurrency: int, seconds: float, timeout_s: float,
@@ -234,9 +246,11 @@ async def run_load(calls: Calls, plan: Plan, concurrency: int, seconds: float, t
                 messages.setdefault(code, e.details() or "")
             samples.append((kind, clock() - started, code))
 
-    started, cpu = clock(), time.process_time()
+    started, cpu, busy = clock(), time.process_time(), machine_busy_s()
     await asyncio.gather(*(client(rng.getrandbits(32)) for _ in range(concurrency)))
-    return Load(samples, clock() - started, messages, time.process_time() - cpu)
+    busy_after = machine_busy_s()
+    return Load(samples, clock() - started, messages, time.process_time() - cpu,
+                busy_after - busy if busy is not None and busy_after is not None else None)
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
@@ -261,6 +275,7 @@ def summarise(load: Load, items_per_request: int) -> dict[str, Any]:
     return {
         "elapsed_s": load.elapsed_s,
         "client_cpu_cores": load.cpu_s / load.elapsed_s,
+        "machine_cpu_cores": load.machine_cpu_s / load.elapsed_s if load.machine_cpu_s is not None else None,
         "requests": len(ok),
         "items": len(ok) * items_per_request,
         "requests_per_s": len(ok) / load.elapsed_s,
@@ -410,6 +425,7 @@ def raw_throughput(bundle: Any, towers: list[str], plan: Plan, largest: int, sec
         # spoils one round of one size, not the size's figure.
         by_batch: dict[int, float] = {}
         budget = seconds_per_tower / (RAW_ROUNDS * len(sizes))
+        wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
         for _ in range(RAW_ROUNDS):
             for b in sizes:
                 x = inputs[:b]
@@ -419,8 +435,11 @@ def raw_throughput(bundle: Any, towers: list[str], plan: Plan, largest: int, sec
                     runs += 1
                 by_batch[b] = max(by_batch.get(b, 0.0), runs * b / (time.perf_counter() - started))
         best = max(by_batch, key=by_batch.__getitem__)
+        wall, busy_after = time.perf_counter() - wall, machine_busy_s()
         out[tower] = {"best_batch": best, "items_per_s": by_batch[best],
-                      "by_batch": {str(b): v for b, v in by_batch.items()}}
+                      "by_batch": {str(b): v for b, v in by_batch.items()},
+                      "cpu_cores": (time.process_time() - cpu) / wall,
+                      "machine_cpu_cores": (busy_after - busy) / wall if busy is not None and busy_after else None}
     return out
 
 
@@ -622,11 +641,12 @@ def markdown(report: dict[str, Any]) -> str:
              f"after {report['warmup_s']:g} s of warm-up; {report['machine']['cpus']} CPUs, "
              f"model on {m['execution_provider']}."]
     if report["raw"]:
-        raw = "; ".join(f"{t} {r['items_per_s']:,.0f} items/s (batch {r['best_batch']})"
+        raw = "; ".join(f"{t} {r['items_per_s']:,.0f} items/s (batch {r['best_batch']}; CPU cores: this process "
+                        f"{r['cpu_cores']:.2f} / machine {_fmt(r['machine_cpu_cores'], 2)})"
                         for t, r in report["raw"].items())
         lines.append(f"raw ONNX Runtime, best batch, in this process: {raw}.")
     lines += ["", "| concurrency | requests/s | items/s | p50 ms | p95 ms | p99 ms | errors | mean batch | server/raw "
-              "| CPU cores client / server |",
+              "| CPU cores: client / server / machine |",
               "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for s in steps:
         lat = s["latency_ms"]
@@ -636,7 +656,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {s['concurrency']} | {_fmt(s['requests_per_s'])} | {_fmt(s['items_per_s'])} | "
                      f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p95'), 2)} | {_fmt(lat.get('p99'), 2)} | {errors} | "
                      f"{mean_batch} | {_fmt(s['server_over_raw'], 2)} | {s['client_cpu_cores']:.2f} / "
-                     f"{_fmt((s['server'] or {}).get('cpu_cores'), 2)} |")
+                     f"{_fmt((s['server'] or {}).get('cpu_cores'), 2)} / {_fmt(s['machine_cpu_cores'], 2)} |")
     with_server = [s for s in steps if s["server"]]
     if not with_server:
         lines += ["", "(no server metrics: batch sizes and stage times need --metrics-url)"]
