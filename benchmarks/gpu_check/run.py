@@ -53,8 +53,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The repository and its generated stubs (proto/tandem), for this process and the ones it starts: the GPU
+# machine has no editable install of Tandem.
+REPO_PATHS = [str(ROOT), str(ROOT / "proto")]
+sys.path[:0] = [p for p in REPO_PATHS if p not in sys.path]
+
+
+def repo_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([*REPO_PATHS, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 SCHEMA = "tandem-gpu-check/1"
 SECTIONS = ("ort", "server", "faiss", "train")
 # Seconds of each worker at --budget-s 1 x (the default). A section's workers run one after the other.
@@ -538,7 +546,8 @@ def start_server(w: Worker, repo: Path, device: str) -> tuple[subprocess.Popen, 
         cmd += ["--" + k.replace("_", "-"), str(v)]
     log_path = w.work / f"server-{port}.log"
     log = open(log_path, "w")  # noqa: SIM115 (the server writes it until it stops)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=repo_env())
     target = f"127.0.0.1:{port}"
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
     while w.left() > 5:
@@ -817,7 +826,7 @@ def worker_topk(w: Worker) -> None:
 def worker_train(w: Worker) -> None:
     import torch
 
-    from training.methods import SSL_METHODS
+    from training.methods import SSL_METHODS, ssl_class
 
     device = torch.device("cpu" if w.sizes.smoke else "cuda")
     w.set(("device",), torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
@@ -826,17 +835,20 @@ def worker_train(w: Worker) -> None:
         w.part(("clip", label), lambda m=clip_model, cs=clip_size, b=batch: clip_steps(w, m, cs, min(b, 256), device),
                need_s=8)
         _free(device)  # what a step left on the GPU (its closure is gone now) goes before the next model
-        w.part(("ssl", label, "bare_backbone"), lambda b=backbone, sz=size, n=batch: bare_step(w, b, sz, n, device),
-               need_s=4)
-        _free(device)
-        for name in methods or SSL_METHODS:
+        names = methods or list(SSL_METHODS)
+        backbones = {vit if ssl_class(n).needs_vit else (backbone, None) for n in names}
+        for bb, patch in sorted(backbones, key=str):  # the baseline of each backbone the methods use
+            w.part(("ssl", label, "bare", bb), lambda b=bb, p=patch, sz=size, n=batch:
+                   bare_step(w, b, sz, p, n, device), need_s=4)
+            _free(device)
+        for name in names:
             w.part(("ssl", label, name), lambda n=name, sz=size, b=backbone, v=vit, bt=batch:
                    ssl_step(w, n, sz, b, v, bt, device), need_s=4)
             _free(device)
-        bare = w.results.get("ssl", {}).get(label, {}).get("bare_backbone")
-        for name in methods or SSL_METHODS:
-            entry = w.results["ssl"][label].get(name)
-            if isinstance(entry, dict) and isinstance(bare, dict) and entry["backbone"] == bare["backbone"]:
+        results = w.results.get("ssl", {}).get(label, {})
+        for name in names:
+            entry, bare = results.get(name), results.get("bare", {}).get(str(results.get(name, {}).get("backbone")))
+            if isinstance(entry, dict) and isinstance(bare, dict):
                 w.set(("ssl", label, name, "fraction_of_bare"), entry["images_per_s"] / bare["images_per_s"])
 
 
@@ -923,7 +935,7 @@ def ssl_step(w: Worker, name: str, size: int, backbone: str, vit: tuple[str, int
     return out
 
 
-def bare_step(w: Worker, backbone: str, size: int, batch: int, device: Any) -> dict[str, Any]:
+def bare_step(w: Worker, backbone: str, size: int, patch: int | None, batch: int, device: Any) -> dict[str, Any]:
     """The backbone alone: forward + backward + AdamW on one view, a linear classifier on top."""
     import torch
     import torch.nn.functional as F
@@ -931,7 +943,7 @@ def bare_step(w: Worker, backbone: str, size: int, batch: int, device: Any) -> d
     from training.backbones import build_backbone
     from training.transforms import eval_transform
 
-    net = build_backbone(backbone, size)
+    net = build_backbone(backbone, size, patch)
     model = torch.nn.Sequential(net, torch.nn.Linear(net.dim, 56)).to(device).train()
     transform = eval_transform(size)
     x = _tile(torch.stack([transform(img) for img in _shapes(min(batch, 32))]), batch).to(device)
@@ -1033,7 +1045,8 @@ def spawn_worker(name: str, args: argparse.Namespace, budget_s: float, out_json:
     started = time.perf_counter()
     log_path = work / f"worker-{name}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=repo_env(env),
+                                start_new_session=True)
         try:
             code: int | str = proc.wait(budget_s + GRACE_S)
         except subprocess.TimeoutExpired:
@@ -1159,7 +1172,10 @@ def summary(report: dict[str, Any]) -> list[str]:
         if isinstance(c, dict):
             lines.append(f"train clip {label}: {num(c['images_per_s'])} img/s ({num(c['fraction_of_bare'])} of bare)")
     for label, methods in (tr.get("ssl") or {}).items():
-        parts = [f"{k} {num(v['images_per_s'])}" for k, v in methods.items() if isinstance(v, dict)]
+        parts = [f"bare {k} {num(v['images_per_s'])}" for k, v in methods.get("bare", {}).items()
+                 if isinstance(v, dict)]
+        parts += [f"{k} {num(v['images_per_s'])} ({num(v.get('fraction_of_bare'))})" for k, v in methods.items()
+                  if isinstance(v, dict) and "images_per_s" in v]
         lines.append(f"train ssl {label} img/s: " + ", ".join(parts))
     for name, s in sec.items():
         lines.append(f"section {name}: {s.get('status')}, {num(s.get('seconds', 0))} s"
