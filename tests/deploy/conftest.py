@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import ROOT, SHIPPED_MODELS
 from tests.test_layout import free_port, serve_python, wait_serving
 
-# Small queues, so that one search with more text terms than this is refused by the text batcher (the only way
-# to see tandem_queue_rejected_total exported: it has no series before the first rejection).
+# Small queues, so that a search with more text terms than this is refused (INVALID_ARGUMENT: it could never be
+# queued). tandem_queue_rejected_total is exported from each batcher's start.
 MAX_QUEUE_ROWS = 8
 
 

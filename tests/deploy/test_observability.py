@@ -58,7 +58,7 @@ def test_metric_names_are_read_from_promql() -> None:
 
 
 def exported(served: Served) -> set[str]:
-    """Sample names on /metrics after one call of each kind (and one queue rejection)."""
+    """Sample names on /metrics after one call of each kind (and one refused search)."""
     image = png_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))
     with TandemClient(served.target) as c:
         c.embed_text(["a small red circle"])
@@ -69,10 +69,10 @@ def exported(served: Served) -> set[str]:
         c.search("shapes", "red", top_k=1)
         with pytest.raises(TandemError):
             c.get_model("no-such-model")
-        # More text terms in one query than the text queue holds: the batcher refuses it.
+        # More text terms in one search than the text queue holds: refused up front, before any work.
         with pytest.raises(TandemError) as refused:
             c.search("shapes", [(1.0, f"word {i}") for i in range(MAX_QUEUE_ROWS + 1)])
-        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_queue_rows" in str(refused.value)
     body = urllib.request.urlopen(served.metrics_url, timeout=10).read().decode()
     return {s.name for family in text_string_to_metric_families(body) for s in family.samples}
 
