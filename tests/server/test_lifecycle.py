@@ -220,6 +220,35 @@ def test_unloading_lets_the_requests_in_flight_finish(server) -> None:  # type: 
         b.result()
 
 
+def test_shutdown_lets_calls_in_progress_finish_within_the_grace(repo) -> None:  # type: ignore[no-untyped-def]
+    running = start_server(repo, shutdown_grace_seconds=60)
+    s = Stubs(running)
+    pool = running.server.registry.inference_pool
+    gate = threading.Event()
+    blockers = [pool.submit(gate.wait) for _ in range(pool._max_workers)]
+    try:
+        in_flight = s.inference.EmbedImage.future(pb.EmbedImageRequest(model="tiny-image", images=[RED]), timeout=60)
+        wait_for(lambda: not running.server.registry.models["tiny-image"]["1"].image.idle, "the request to queue")
+        stopping = asyncio.run_coroutine_threadsafe(running.server.stop(), running.loop)  # as on SIGTERM
+        def refused() -> bool:
+            try:
+                s.models.ListModels(pb.ListModelsRequest(), timeout=5)
+            except grpc.RpcError as e:
+                return e.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+
+        wait_for(refused, "new calls to be refused")
+        assert not in_flight.done()
+    finally:
+        gate.set()
+    assert in_flight.result().dim == 32  # finished within the grace, not cancelled
+    stopping.result(timeout=60)
+    for b in blockers:
+        b.result()
+    running.loop.call_soon_threadsafe(running.loop.stop)
+    running.thread.join(timeout=10)
+
+
 def test_polling_loads_added_and_changed_bundles_and_unloads_removed_ones(repo) -> None:  # type: ignore[no-untyped-def]
     running = start_server(repo, model_poll_seconds=1)
     try:
