@@ -5,7 +5,9 @@ and (through :func:`load_rgb`, its decoding half) the training data loaders
 read files with, so training and serving see the same pixels.
 
 Decoding is strict: only JPEG, PNG, WebP, GIF (first frame) and BMP are
-accepted; the pixel count is checked from the header *before* any pixels are
+accepted; the pixel count and the memory decoding will take (width x height x
+bytes per pixel of the file's mode and of the mode it is converted to, see
+:func:`decode_bytes`) are checked from the header *before* any pixels are
 decoded (decompression bombs never allocate); EXIF orientation is applied.
 
 The geometry reproduces open_clip's inference transform (torchvision's
@@ -42,15 +44,50 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 _BOX_RESIZE_AREA = 8
 # Our own pixel limit (checked before decoding) replaces PIL's global one.
 Image.MAX_IMAGE_PIXELS = None
+# Bytes per pixel Pillow stores for a mode; every mode not listed takes 4 (RGB is stored as RGBX, LA as LXXA).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_GREY_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_BAND_PIXELS = 1 << 20  # high-depth grey is brought to 8 bits this many pixels at a time
 
 
 class ImageInputError(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
+def decode_bytes(img: Image.Image) -> int:
+    """Peak bytes :func:`decode` allocates for an opened, not yet loaded image, from its header alone.
+
+    The decoded pixels (Pillow's storage of the file's mode), a rotated copy when
+    EXIF orientation asks for one, and the image in the mode it resizes in
+    (none for RGB, RGBA, L and LA: they resize as they are).
+    """
+    width, height = img.size
+    stored = _STORED_BYTES.get(img.mode, 4)
+    converted = 0 if img.mode in ("RGB", "RGBA", "L", "LA") else 1 if img.mode in (*_GREY_HIGH_DEPTH, "1") else 4
+    rotated = stored if _header_orientation(img) in range(2, 9) else 0
+    return width * height * (stored + rotated + converted)
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """EXIF orientation from the EXIF block read with the header (getexif would decode a PNG to find one stored
+    after the pixels; such a late block can rotate the image without being counted in the budget)."""
+    if "exif" not in img.info:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(img.info["exif"])
+    except Exception:  # a malformed EXIF block: decoding reports it, or ignores it as open_clip's loader does
+        return 1
+    orientation = exif.get(0x0112, 1)  # 0x0112: Orientation
+    return orientation if isinstance(orientation, int) else 1
+
+
+def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Decode, apply EXIF orientation, and bring to a mode that resizes like open_clip:
-    RGB, RGBA, L or LA. Raise ImageInputError with the reason otherwise."""
+    RGB, RGBA, L or LA. Raise ImageInputError with the reason otherwise.
+
+    `max_bytes` bounds the memory decoding takes (:func:`decode_bytes`), checked before decoding.
+    """
     if not data:
         raise ImageInputError("is empty (0 bytes)")
     try:
@@ -65,11 +102,20 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             f"is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
             "(server option max_image_pixels); downscale it before sending"
         )
+    if max_bytes is not None and (need := decode_bytes(img)) > max_bytes:
+        raise ImageInputError(
+            f"is {width}x{height} {img.mode} and would take {_size(need)} to decode, over the limit of "
+            f"{_size(max_bytes)} (server option max_image_decode_bytes); downscale it or send 8-bit colour"
+        )
     try:
         img.load()  # first frame only for GIF and animated WebP
         return _resample_mode(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError) as e:
         raise ImageInputError(f"could not be decoded as {img.format} ({e}); is it truncated or corrupt?") from None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _unsupported_reason(data: bytes) -> str:
@@ -87,10 +133,8 @@ def _resample_mode(img: Image.Image) -> Image.Image:
     """RGB, RGBA, L and LA as they are; everything else to one of them (see the module docstring)."""
     if img.mode in ("RGB", "RGBA", "L", "LA"):
         return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode != "F" else max(float(arr.max()), 1e-12)
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in _GREY_HIGH_DEPTH:
+        return _grey_to_8bit(img)
     if img.mode == "P":
         return img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("PA", "RGBa"):
@@ -100,6 +144,26 @@ def _resample_mode(img: Image.Image) -> Image.Image:
     if img.mode == "1":
         return img.convert("L")
     return img.convert("RGB")
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit int) grey: round(v * 255 / 65535), clipped to 0..65535 first; float grey: scaled by its
+    maximum. Band by band, in integers (float32 for float images), so that memory stays at the 8-bit result plus
+    one band instead of several float64 copies of the whole image."""
+    width, height = img.size
+    top = None
+    if img.mode == "F":
+        extrema = img.getextrema()
+        top = np.float32(max(float(extrema[1]), 1e-12))  # type: ignore[arg-type, index]
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for y in range(0, height, rows):
+        band = np.asarray(img.crop((0, y, width, min(height, y + rows))))
+        if top is None:  # v * 255 / 65535 = v / 257; rounded half up in integers
+            out[y : y + len(band)] = (np.clip(band, 0, 65535).astype(np.uint32) + 128) // 257
+        else:
+            out[y : y + len(band)] = np.clip(band / top * np.float32(255.0) + np.float32(0.5), 0, 255)
+    return Image.fromarray(out, "L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -154,7 +218,8 @@ def to_tensor(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def preprocess(data: bytes, spec: ImageSpec, max_pixels: int, seconds: dict[str, float] | None = None) -> np.ndarray:
+def preprocess(data: bytes, spec: ImageSpec, max_pixels: int, seconds: dict[str, float] | None = None,
+               max_decode_bytes: int | None = None) -> np.ndarray:
     """Encoded image -> float32 [3, size, size] ready for the image tower.
 
     Raises ImageInputError for bytes it cannot use. With `seconds`, records the
@@ -162,7 +227,7 @@ def preprocess(data: bytes, spec: ImageSpec, max_pixels: int, seconds: dict[str,
     normalise), for the server's stage metrics.
     """
     started = time.perf_counter()
-    img = decode(data, max_pixels)
+    img = decode(data, max_pixels, max_decode_bytes)
     decoded = time.perf_counter()
     tensor = to_tensor(to_rgb(geometry(img, spec)), spec)
     if seconds is not None:

@@ -18,6 +18,16 @@ every step but the merges is open_clip's own code path:
 4. ``[start] + ids + [end]``, cut to the context length with the last id
    replaced by the end token, as open_clip does.
 
+The cost of a text is bounded before the merges: only the words that can reach
+the context window go to the BPE (:meth:`ClipTokenizer.window`). The merges
+never cross words and give every word at least one token, and at least one per
+``longest_token`` characters, so the words past the window are dropped without
+changing a single id, and one long word is cut ``CUT_MARGIN_TOKENS`` tokens
+past the window (a cut changes at most the last few tokens before it: 5 in a
+search over 3,000 hostile words): first at 4 characters a token, and again at
+``longest_token`` characters a token when that made too few tokens. Cleaning and splitting stay linear in the
+text; the server bounds the characters per request (max_request_text_chars).
+
 tests/bundle/test_tokenizer.py compares the ids with open_clip's on a corpus
 of scripts, emoji, whitespace, HTML entities and long texts, and on random
 Unicode text (hypothesis).
@@ -40,6 +50,8 @@ SOT, EOT = "<start_of_text>", "<end_of_text>"
 WORDS = regex.compile(SOT + "|" + EOT + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                       regex.IGNORECASE)
 CACHE_WORDS = 10_000
+CUT_MARGIN_TOKENS = 16  # tokens kept past the window when a long word is cut (see the module docstring)
+FIRST_GUESS = 4  # characters a token, for the first cut of a long word (see encode_batch)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -94,6 +106,27 @@ class ClipTokenizer:
         if self.sot is None or self.eot is None:
             raise ValueError(f"{tokenizer}: not a CLIP BPE tokenizer (no {SOT} / {EOT} tokens)")
         self._special = {SOT: self.sot, EOT: self.eot}
+        # Byte-level tokens spell one byte per character, so a token covers at most this many characters.
+        self.longest_token = max(len(t.removesuffix("</w>")) for t in self._tok.get_vocab() if t not in self._special)
+
+    def window(self, text: str, chars_per_token: int | None = None) -> tuple[list[str], bool]:
+        """(the words of a cleaned text that make its first context_length - 1 tokens, whether the last was cut).
+
+        Those tokens are all the model sees, plus one that says the text was truncated: later words are not
+        split off, and a long last word is cut CUT_MARGIN_TOKENS tokens past the window, counting
+        `chars_per_token` characters a token (default longest_token: always enough).
+        """
+        need, lower, words = self.context_length - 1, 0, []  # lower: tokens the kept words make, at least
+        for match in WORDS.finditer(text):
+            word = match.group()
+            at_least = 1 if word in self._special else -(-len(word) // self.longest_token)
+            if lower + at_least >= need:
+                cut = word[: (need - lower + CUT_MARGIN_TOKENS) * (chars_per_token or self.longest_token)]
+                words.append(cut)
+                return words, len(cut) < len(word)
+            words.append(word)
+            lower += at_least
+        return words, False
 
     def encode(self, text: str) -> list[int]:
         """Ids of one text without the start and end tokens (open_clip's ``SimpleTokenizer.encode``)."""
@@ -137,7 +170,16 @@ class ClipTokenizer:
         """
         ids = np.zeros((len(texts), self.context_length), dtype=np.int64)
         truncated = np.zeros(len(texts), dtype=bool)
-        for row, body in enumerate(self._encode_words([WORDS.findall(clean(t)) for t in texts])):
+        cleaned = [clean(t) for t in texts]
+        # A cut at FIRST_GUESS characters a token is usually far enough past the window; a text whose cut word
+        # made too few tokens for that is cut again where it certainly is.
+        windows = [self.window(c, FIRST_GUESS) for c in cleaned]
+        bodies = self._encode_words([words for words, _ in windows])
+        short = [row for row, ((_, cut), body) in enumerate(zip(windows, bodies))
+                 if cut and len(body) < self.context_length - 1 + CUT_MARGIN_TOKENS]
+        for row, body in zip(short, self._encode_words([self.window(cleaned[row])[0] for row in short])):
+            bodies[row] = body
+        for row, body in enumerate(bodies):
             tokens = [self.sot, *body, self.eot]
             if len(tokens) > self.context_length:
                 tokens = tokens[: self.context_length]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from bundle import ImageSpec
-from bundle.image import FORMATS, ImageInputError, decode, load_rgb, preprocess
+from bundle.image import FORMATS, ImageInputError, decode, decode_bytes, load_rgb, preprocess
 from tests.conftest import png_bytes
 from tests.photos import photo_cases
 
@@ -163,3 +163,40 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     data = png_bytes(Image.new("L", (20000, 20000)))
     with pytest.raises(ImageInputError, match="400,000,000 pixels, over the limit"):
         decode(data, MAX_PIXELS)
+
+
+def test_16_bit_grey_is_rounded_to_8_bits_exactly_and_band_by_band() -> None:
+    # Every 16-bit value, 300 pixels a row so that the bands (1 Mi pixels each) end mid-image on a larger copy.
+    values = np.arange(65536, dtype=np.uint16)
+    img = Image.fromarray(np.tile(values, 64).reshape(-1, 2048))  # 2048 x 2048: 4 Mi pixels, 4 bands
+    want = np.clip(np.tile(values, 64).astype(np.float64) / 65535 * 255 + 0.5, 0, 255).astype(np.uint8)
+    out = decode(png_bytes(img), MAX_PIXELS)
+    assert out.mode == "L"
+    np.testing.assert_array_equal(np.asarray(out).reshape(-1), want)
+
+
+@pytest.mark.parametrize("mode, bytes_per_pixel", [("L", 1), ("RGB", 4), ("RGBA", 4), ("LA", 4), ("P", 1 + 4),
+                                                   ("I;16", 2 + 1), ("1", 1 + 1)])
+def test_decode_memory_is_estimated_from_the_mode(mode: str, bytes_per_pixel: int) -> None:
+    img = Image.new("L", (30, 20)).convert(mode) if mode != "I;16" else Image.fromarray(np.zeros((20, 30), np.uint16))
+    with Image.open(io.BytesIO(png_bytes(img))) as opened:
+        assert opened.mode == mode
+        assert decode_bytes(opened) == 30 * 20 * bytes_per_pixel
+
+
+def test_a_rotated_jpeg_counts_its_rotated_copy() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    with Image.open(io.BytesIO(png_bytes(Image.new("RGB", (30, 20)), "JPEG", exif=exif.tobytes()))) as opened:
+        assert decode_bytes(opened) == 30 * 20 * (4 + 4)
+
+
+def test_decode_memory_is_checked_before_decoding() -> None:
+    # 6300 x 6300 16-bit grey: 78 KB of PNG under the pixel limit, 119 MB to decode. Only its header is sent
+    # here, so any attempt to decode would fail as truncated instead.
+    header = png_bytes(Image.fromarray(np.zeros((6300, 6300), np.uint16)))[:200]
+    with pytest.raises(ImageInputError, match=r"is 6300x6300 I;16 and would take 113\.6 MiB to decode, over the "
+                                              r"limit of 64\.0 MiB \(server option max_image_decode_bytes\)"):
+        decode(header, MAX_PIXELS, max_bytes=64 << 20)
+    with pytest.raises(ImageInputError, match="truncated"):
+        decode(header, MAX_PIXELS, max_bytes=128 << 20)

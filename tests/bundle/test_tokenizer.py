@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.tokenizer import SimpleTokenizer
 
-from bundle.tokenizer import ClipTokenizer
+from bundle.tokenizer import CUT_MARGIN_TOKENS, WORDS, ClipTokenizer, clean
 from training.models import clip_bpe
 
 CORPUS = [
@@ -78,3 +78,27 @@ TEXT = st.lists(PIECE, max_size=40).map("".join)
 def test_random_unicode_ids_equal_open_clip(reference, ours, texts: list[str]) -> None:  # type: ignore[no-untyped-def]
     ids, _ = ours.encode_batch(texts)
     assert ids.tolist() == open_clip_ids(reference, texts, 77).tolist()
+
+
+# Long words from small alphabets are where BPE merges interact most; emoji runs make the longest tokens.
+LONG_WORD = st.builds(lambda unit, n: (unit * n)[: n * 3],
+                      st.text(st.sampled_from("abcdeiostn的是🙂😂!?"), min_size=1, max_size=5),
+                      st.integers(100, 900))
+
+
+@settings(max_examples=60, deadline=None)
+@given(words=st.lists(LONG_WORD, min_size=1, max_size=3), head=st.text(st.sampled_from("ab .,"), max_size=40))
+def test_long_words_cut_before_the_merges_keep_open_clips_ids(reference, ours, words, head) -> None:  # type: ignore[no-untyped-def]
+    text = head + " ".join(words)
+    ids, truncated = ours.encode_batch([text])
+    assert ids.tolist() == open_clip_ids(reference, [text], 77).tolist()
+    assert truncated[0] == (len(reference.encode(text)) + 2 > 77)
+
+
+def test_only_the_words_that_reach_the_window_go_to_the_merges(ours) -> None:  # type: ignore[no-untyped-def]
+    many, cut = ours.window(clean("word " * 2000))
+    assert many == ["word"] * 76 and not cut  # each word makes at least one token: 76 of them fill the window
+    one, cut = ours.window("a" * 100_000)
+    assert cut and len(one) == 1 and len(one[0]) == (76 + CUT_MARGIN_TOKENS) * ours.longest_token
+    short = "a photo of a dog."
+    assert ours.window(clean(short)) == (WORDS.findall(clean(short)), False)
