@@ -53,9 +53,34 @@ class ServerConfig:
     max_items_per_request: int = _f(256, "most images or texts in one request")
     max_labels: int = _f(1000, "most candidate labels in one Classify request")
     max_text_chars: int = _f(4096, "longest text accepted, in characters (token truncation is separate)")
+    max_request_text_chars: int = _f(262_144, "most characters of text one request may make the server tokenise: "
+                                     "its texts, or a Classify request's prompts (labels x templates), counted "
+                                     "before any work")
+    max_templates: int = _f(100, "most prompt templates in one Classify request (CLIP's ImageNet ensemble has 80)")
+    max_template_chars: int = _f(256, "longest prompt template, in characters")
+    max_template_slots: int = _f(4, "most '{}' label slots in one prompt template")
     max_image_pixels: int = _f(40_000_000, "largest image accepted, width x height, checked before decoding")
-    max_message_bytes: int = _f(64 * 1024 * 1024, "largest gRPC request message")
+    max_image_decode_bytes: int = _f(160 * 1024 * 1024, "most memory decoding one image may take, estimated from "
+                                     "its header before decoding: width x height x bytes per pixel of its mode "
+                                     "(4 for RGB, 2 for 16-bit grey) plus the mode it is converted to")
+    max_inflight_items: int = _f(4096, "images or texts being preprocessed, queued or run per model and tower; a "
+                                 "request that would pass it gets RESOURCE_EXHAUSTED at once, before any decoding")
+    max_preprocess_items: int = _f(4096, "images and texts waiting for or in a preprocessing thread, all models "
+                                   "together; past it requests get RESOURCE_EXHAUSTED at once")
+    queue_timeout_ms: int = _f(0, "a request that waited this long in the server's queues before its work started "
+                               "gets UNAVAILABLE without running (Triton's queue policy; 0: no limit)")
+    max_message_bytes: int = _f(16 * 1024 * 1024, "largest gRPC message, received or sent (16 MiB holds 256 "
+                                "images of 64 KB, or a 256 x 4096 float32 answer, with room to spare)")
+    max_concurrent_streams: int = _f(256, "most RPCs in flight on one client connection (HTTP/2 "
+                                     "SETTINGS_MAX_CONCURRENT_STREAMS)")
+    keepalive_time_s: int = _f(60, "ping an idle client connection after this many seconds, to find dead peers")
+    keepalive_timeout_s: int = _f(20, "close a connection whose keepalive ping is not answered within this")
+    max_connection_age_s: int = _f(1800, "close client connections older than this (with GOAWAY), so that load "
+                                   "balancers spread long-lived gRPC connections over new replicas (0: never)")
+    max_connection_age_grace_s: int = _f(30, "how long RPCs in flight on a connection closed for its age may finish")
     label_cache_size: int = _f(256, "zero-shot label sets whose embeddings are cached")
+    label_cache_bytes: int = _f(64 * 1024 * 1024, "memory the zero-shot label cache may use per model: label "
+                                "and template strings plus embeddings")
     verify_hashes: bool = _f(True, "check each ONNX file's sha256 against its manifest at load")
     model_poll_seconds: int = _f(0, "look for added, changed and removed bundles in the model repository every "
                                  "this many seconds and load or unload them (0: off; LoadModel/UnloadModel work either way)")
@@ -132,4 +157,30 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
     if config.max_items_per_request > config.max_queue_rows:
         raise ValueError(f"max_items_per_request ({config.max_items_per_request}) must not exceed max_queue_rows "
                          f"({config.max_queue_rows}), or large requests could never be queued")
+    if config.max_items_per_request > config.max_inflight_items:
+        raise ValueError(f"max_items_per_request ({config.max_items_per_request}) must not exceed max_inflight_items "
+                         f"({config.max_inflight_items}), or large requests could never be admitted")
+    if config.max_items_per_request > config.max_preprocess_items:
+        raise ValueError(f"max_items_per_request ({config.max_items_per_request}) must not exceed "
+                         f"max_preprocess_items ({config.max_preprocess_items}), or large requests could never "
+                         "be admitted")
     return config
+
+
+def grpc_server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """The grpc.aio server's channel arguments: message sizes, streams per connection, keepalive, connection age."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", config.keepalive_time_s * 1000),
+        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_s * 1000),
+        # Clients may ping as often as every 10 s (grpc's own default minimum is 5 min, which makes clients
+        # that keep their connections alive with pings get GOAWAY "too_many_pings").
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if config.max_connection_age_s:
+        options += [("grpc.max_connection_age_ms", config.max_connection_age_s * 1000),
+                    ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_s * 1000)]
+    return options

@@ -1,9 +1,14 @@
-"""gRPC handlers for tandem.v1: validate, preprocess off the event loop, batch, answer."""
+"""gRPC handlers for tandem.v1: validate, admit, preprocess off the event loop, batch, answer.
+
+Every budget is checked before work starts: items, characters and prompts per request from the request itself,
+then the items in flight (server/admission.py); image memory from each image's header before it is decoded.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -15,6 +20,7 @@ from bundle import zero_shot
 from bundle.image import ImageInputError, preprocess
 
 from . import metrics, wire
+from .admission import ADMISSION_REJECTED, PREPROCESS_ITEMS, Admission, QueueTimeout
 from .config import ServerConfig
 from .errors import ApiError, failed_precondition, invalid, rpc
 from .registry import READY, Entry, LoadedModel, Registry
@@ -43,24 +49,58 @@ def _matrix(x: np.ndarray, request: pb.EmbedTextRequest | pb.EmbedImageRequest) 
         raise invalid(str(e)) from None
 
 
-def check_labels(labels: list[str], templates: list[str], max_labels: int) -> None:
+def check_labels(labels: list[str], templates: list[str], config: ServerConfig) -> None:
+    """Labels and templates within their limits, and the prompts they make within the text budgets, counted
+    without building a prompt: a 54 KB request could otherwise make a 100-million-character prompt list."""
     if not labels:
         raise invalid("labels is empty; send at least one candidate label, e.g. ['dog', 'cat']")
-    if len(labels) > max_labels:
-        raise invalid(f"labels has {len(labels)} entries, more than max_labels={max_labels}")
+    if len(labels) > config.max_labels:
+        raise invalid(f"labels has {len(labels)} entries, more than max_labels={config.max_labels}")
     seen: dict[str, int] = {}
     for i, label in enumerate(labels):
         if label in seen:
             raise invalid(f"labels[{i}] {label!r} repeats labels[{seen[label]}]; labels must be unique")
         seen[label] = i
+    if len(templates) > config.max_templates:
+        raise invalid(f"templates has {len(templates)} entries, more than max_templates={config.max_templates}")
+    slots = []
     for i, t in enumerate(templates):
-        if "{}" not in t:
+        if len(t) > config.max_template_chars:
+            raise invalid(f"templates[{i}] has {len(t)} characters, more than "
+                          f"max_template_chars={config.max_template_chars}")
+        slots.append(t.count("{}"))
+        if slots[-1] == 0:
             raise invalid(f"templates[{i}] {t!r} has no '{{}}' where the label goes, e.g. 'a photo of a {{}}.'")
+        if slots[-1] > config.max_template_slots:
+            raise invalid(f"templates[{i}] has {slots[-1]} '{{}}' label slots, more than "
+                          f"max_template_slots={config.max_template_slots}")
+    prompts = len(labels) * len(templates)
+    # The prompts are texts of one request: the queue, the in-flight budget and preprocessing must all hold them.
+    limit, name = min((config.max_queue_rows, "max_queue_rows"), (config.max_inflight_items, "max_inflight_items"),
+                      (config.max_preprocess_items, "max_preprocess_items"))
+    if prompts > limit:
+        raise invalid(
+            f"{len(labels)} labels x {len(templates)} templates = {prompts} prompts, more "
+            f"than the server takes in one request ({name}={limit}); send fewer of either"
+        )
+    # A prompt is its template with each '{}' (2 characters) replaced by the label.
+    longest_label = max(len(label) for label in labels)
+    for i, (t, k) in enumerate(zip(templates, slots)):
+        if (longest := len(t) - 2 * k + k * longest_label) > config.max_text_chars:
+            raise invalid(f"templates[{i}] with the longest label ({longest_label} characters, {k} times) makes "
+                          f"a prompt of {longest} characters, more than max_text_chars={config.max_text_chars}; "
+                          "send shorter labels or fewer '{}' per template")
+    total = len(labels) * sum(len(t) - 2 * k for t, k in zip(templates, slots)) + sum(slots) * sum(map(len, labels))
+    if total > config.max_request_text_chars:
+        raise invalid(f"{len(labels)} labels x {len(templates)} templates make {prompts} prompts of {total:,} "
+                      f"characters in all, more than max_request_text_chars={config.max_request_text_chars:,}; "
+                      "send fewer or shorter labels or templates")
 
 
 class Inference(pb_grpc.InferenceServicer):
     def __init__(self, registry: Registry, config: ServerConfig):
         self.registry, self.config = registry, config
+        self.admission = Admission(config.max_inflight_items, config.max_preprocess_items, config.queue_timeout_ms)
 
     # -- validation ------------------------------------------------------------
     def _check_count(self, n: int, what: str) -> None:
@@ -80,8 +120,49 @@ class Inference(pb_grpc.InferenceServicer):
                 raise invalid(
                     f"{what}[{i}] has {len(text)} characters, more than max_text_chars={self.config.max_text_chars}"
                 )
+        if (total := sum(map(len, texts))) > self.config.max_request_text_chars:
+            raise invalid(f"{what} have {total:,} characters in all, more than max_request_text_chars="
+                          f"{self.config.max_request_text_chars:,}; split the request")
 
     # -- shared steps ----------------------------------------------------------
+    async def _run_items(self, m: LoadedModel, tower: str, fn: Callable[[int], Any], n: int, fail_fast: bool,
+                         items: int | None = None) -> list[Any]:
+        """fn(0..n-1) in the preprocessing threads, after admission of `items` (default n) images or texts
+        (RESOURCE_EXHAUSTED at once when full).
+
+        fn returns a value or an ApiError for a bad item. With fail_fast, the first bad item ends the call:
+        items not started never start, and items running finish (Pillow cannot be interrupted) unanswered.
+        The same holds when the caller is cancelled (client gone, deadline passed): nothing is left queued.
+        """
+        loop = asyncio.get_running_loop()
+        with self.admission.preprocess(m.name, tower, n if items is None else items) as work:
+
+            def one(i: int) -> Any:
+                if not work.may_start(tower):
+                    return None
+                out = fn(i)
+                if fail_fast and isinstance(out, ApiError):
+                    work.stop.set()  # the request's next items are skipped even before the event loop knows
+                return out
+
+            # Futures of the pool itself: their cancel() says whether the item had started.
+            submitted = [self.registry.preprocess_pool.submit(one, i) for i in range(n)]
+            futures = [asyncio.wrap_future(f, loop=loop) for f in submitted]
+            try:
+                for next_done in asyncio.as_completed(futures):
+                    out = await next_done
+                    if fail_fast and isinstance(out, ApiError):
+                        raise out
+                return [f.result() for f in futures]
+            except QueueTimeout:
+                ADMISSION_REJECTED.labels(m.name, tower, "queue_timeout").inc()
+                raise work.timeout_error() from None
+            finally:
+                work.stop.set()
+                cancelled = sum(f.cancel() for f in submitted)
+                if cancelled:
+                    PREPROCESS_ITEMS.labels(tower, "cancelled").inc(cancelled)
+
     async def embed_texts(self, m: LoadedModel, texts: list[str], reject_truncated: bool = False
                           ) -> tuple[np.ndarray, np.ndarray]:
         """(raw embeddings [n, dim], truncated flags [n])."""
@@ -90,45 +171,53 @@ class Inference(pb_grpc.InferenceServicer):
                 f"model {m.name}/{m.version} is image-only (kind {m.bundle.manifest.kind!r}); "
                 "it cannot embed text. Use a CLIP model for text and zero-shot classification"
             )
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        ids, truncated = await loop.run_in_executor(self.registry.preprocess_pool, m.tokenizer.encode_batch, texts)
-        metrics.STAGE_SECONDS.labels("tokenize", m.name, "text").observe(time.perf_counter() - started)
-        if reject_truncated and truncated.any():
-            where = ", ".join(f"texts[{i}]" for i in np.flatnonzero(truncated)[:10])
-            raise invalid(
-                f"{where} exceed the model's context length of {m.tokenizer.context_length} tokens "
-                "and reject_truncated is set; shorten them or allow truncation"
-            )
-        return await m.text.submit(ids), truncated
+        tokenizer, stage = m.tokenizer, metrics.STAGE_SECONDS.labels("tokenize", m.name, "text")
 
-    async def preprocess_images(self, m: LoadedModel, images: list[bytes], labels: list[str]
-                                ) -> list[np.ndarray | ApiError]:
-        """Each image's input tensor, or the INVALID_ARGUMENT error naming it by its label (decoded in parallel)."""
-        loop = asyncio.get_running_loop()
-        spec, limit = m.bundle.manifest.image, self.config.max_image_pixels
+        def tokenize(_: int) -> tuple[np.ndarray, np.ndarray]:
+            started = time.perf_counter()
+            out = tokenizer.encode_batch(texts)
+            stage.observe(time.perf_counter() - started)
+            PREPROCESS_ITEMS.labels("text", "ok").inc()
+            return out
+
+        with self.admission.admit(m.name, m.version, "text", len(texts)):
+            [(ids, truncated)] = await self._run_items(m, "text", tokenize, 1, fail_fast=True, items=len(texts))
+            if reject_truncated and truncated.any():
+                where = ", ".join(f"texts[{i}]" for i in np.flatnonzero(truncated)[:10])
+                raise invalid(
+                    f"{where} exceed the model's context length of {m.tokenizer.context_length} tokens "
+                    "and reject_truncated is set; shorten them or allow truncation"
+                )
+            return await m.text.submit(ids), truncated
+
+    async def preprocess_images(self, m: LoadedModel, images: Sequence[bytes], labels: Sequence[str],
+                                fail_fast: bool = False) -> list[np.ndarray | ApiError]:
+        """Each image's input tensor, or the INVALID_ARGUMENT error naming it by its label (decoded in parallel).
+
+        With fail_fast, the first bad image raises its error and the images not yet started are not decoded.
+        """
+        spec, limit, max_bytes = m.bundle.manifest.image, self.config.max_image_pixels, self.config.max_image_decode_bytes
         stage = {s: metrics.STAGE_SECONDS.labels(s, m.name, "image") for s in ("decode", "preprocess")}
 
-        def one(i: int, data: bytes) -> np.ndarray | ApiError:
+        def one(i: int) -> np.ndarray | ApiError:
             seconds: dict[str, float] = {}
             try:
-                tensor = preprocess(data, spec, limit, seconds)
+                tensor = preprocess(images[i], spec, limit, seconds, max_decode_bytes=max_bytes)
             except ImageInputError as e:
+                PREPROCESS_ITEMS.labels("image", "invalid").inc()
                 return invalid(f"{labels[i]} {e}")
+            PREPROCESS_ITEMS.labels("image", "ok").inc()
             for name, s in seconds.items():
                 stage[name].observe(s)
             return tensor
 
-        return list(await asyncio.gather(
-            *(loop.run_in_executor(self.registry.preprocess_pool, one, i, d) for i, d in enumerate(images))
-        ))
+        return await self._run_items(m, "image", one, len(images), fail_fast)
 
     async def embed_images(self, m: LoadedModel, images: list[bytes], what: str = "images") -> np.ndarray:
-        tensors = await self.preprocess_images(m, images, [f"{what}[{i}]" for i in range(len(images))])
-        for t in tensors:
-            if isinstance(t, ApiError):
-                raise t
-        return await m.image.submit(np.stack(tensors))  # type: ignore[arg-type]
+        with self.admission.admit(m.name, m.version, "image", len(images)):
+            tensors = await self.preprocess_images(m, images, [f"{what}[{i}]" for i in range(len(images))],
+                                                   fail_fast=True)
+            return await m.image.submit(np.stack(tensors))  # type: ignore[arg-type]
 
     # -- handlers --------------------------------------------------------------
     @rpc("EmbedText")
@@ -170,15 +259,11 @@ class Inference(pb_grpc.InferenceServicer):
         templates = list(request.templates) or list(zero_shot.DEFAULT_TEMPLATES)
         metrics.ITEMS.labels("Classify").inc(len(images))
         self._check_count(len(images), "images")
-        check_labels(labels, templates, self.config.max_labels)
-        if len(labels) * len(templates) > self.config.max_queue_rows:
-            raise invalid(
-                f"{len(labels)} labels x {len(templates)} templates = {len(labels) * len(templates)} prompts, more "
-                f"than the text queue holds (max_queue_rows={self.config.max_queue_rows}); send fewer of either"
-            )
         self._check_texts(labels, "labels")
+        check_labels(labels, templates, self.config)
         key = (tuple(labels), tuple(templates))
         label_emb = m.labels.get(key)
+        metrics.ZERO_SHOT_CACHE.labels("hit" if label_emb is not None else "miss").inc()
         if label_emb is None:
             prompts = zero_shot.prompts(labels, templates)
             text_out, _ = await self.embed_texts(m, prompts)

@@ -10,8 +10,9 @@ from PIL import Image
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
+from server.admission import PREPROCESS_ITEMS
 from server.wire import decode as matrix
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, start_server
 
 GOOD = png_bytes(Image.new("RGB", (40, 30), (200, 30, 30)))
 C = grpc.StatusCode
@@ -155,11 +156,11 @@ def test_bad_client_does_not_disturb_concurrent_good_clients(tiny_server) -> Non
     channel.close()
 
 
-def test_more_prompts_than_the_queue_holds_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
-    templates = [f"{{}} {i}" for i in range(820)]  # 5 labels x 820 templates = 4100 > max_queue_rows 4096
+def test_more_templates_than_allowed_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
+    templates = [f"{{}} {i}" for i in range(820)]
     expect(lambda: stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=list("abcde"), templates=templates),
                                  timeout=30),
-           C.INVALID_ARGUMENT, "4100 prompts", "max_queue_rows=4096")
+           C.INVALID_ARGUMENT, "templates has 820 entries", "max_templates=100")
 
 
 def test_unknown_dtype_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
@@ -172,3 +173,69 @@ def test_float_list_with_float16_is_invalid(stub) -> None:  # type: ignore[no-un
                                    timeout=30),
            C.INVALID_ARGUMENT, "float_list answers float32")
     still_serving(stub)
+
+
+# -- budgets for hostile requests: each is refused from the request alone, before any work ------------------------
+BUDGETS = dict(default_model="tiny-clip", max_items_per_request=8, max_labels=5, max_text_chars=200,
+               max_request_text_chars=500, max_templates=3, max_template_chars=40, max_template_slots=2,
+               max_image_pixels=100 * 100, max_image_decode_bytes=25_000, max_message_bytes=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def budget_stub(tiny_repo):  # type: ignore[no-untyped-def]
+    server = start_server(tiny_repo, **BUDGETS)
+    channel = server.channel()
+    yield pb_grpc.InferenceStub(channel)
+    channel.close()
+    server.stop()
+
+
+def classify(labels: list[str], templates: list[str]) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(images=[GOOD], labels=labels, templates=templates)
+
+
+BUDGET_CASES = {
+    "texts over the characters per request": (
+        lambda s: s.EmbedText(pb.EmbedTextRequest(texts=["x" * 150] * 4), timeout=30),
+        ("texts have 600 characters in all", "max_request_text_chars=500")),
+    "labels over the characters per request": (
+        lambda s: s.Classify(classify(["x" * 150, "y" * 150, "z" * 150, "w" * 150], ["{}"]), timeout=30),
+        ("labels have 600 characters in all", "max_request_text_chars=500")),
+    "too many templates": (
+        lambda s: s.Classify(classify(["a"], ["{}", "a {}", "the {}", "one {}"]), timeout=30),
+        ("templates has 4 entries", "max_templates=3")),
+    "template too long": (
+        lambda s: s.Classify(classify(["a"], ["{}" + "x" * 40]), timeout=30),
+        ("templates[0] has 42 characters", "max_template_chars=40")),
+    "too many slots in a template": (
+        lambda s: s.Classify(classify(["a"], ["{} {} {}"]), timeout=30),
+        ("templates[0] has 3 '{}' label slots", "max_template_slots=2")),
+    "a prompt over the text limit": (
+        lambda s: s.Classify(classify(["x" * 110], ["{} and {}"]), timeout=30),
+        ("makes a prompt of 225 characters", "max_text_chars=200")),
+    "prompts over the characters per request": (  # 5 x 2 + 2 x 500: the amplification of a 54 KB request
+        lambda s: s.Classify(classify([c * 100 for c in "abcde"], ["{}", "a {}"]), timeout=30),
+        ("5 labels x 2 templates make 10 prompts of 1,010 characters", "max_request_text_chars=500")),
+    "16-bit image over the decode memory": (
+        lambda s: s.EmbedImage(pb.EmbedImageRequest(images=[GOOD, png_bytes(Image.fromarray(
+            np.zeros((95, 95), np.uint16)))]), timeout=30),
+        ("images[1] is 95x95 I;16 and would take 27,075 bytes to decode", "max_image_decode_bytes")),
+    "RGB image over the decode memory": (  # under the pixel limit: 6,400 pixels stored as 4 bytes each
+        lambda s: s.EmbedImage(pb.EmbedImageRequest(images=[png_bytes(Image.new("RGB", (80, 80)))]), timeout=30),
+        ("images[0] is 80x80 RGB and would take 25,600 bytes", "limit of 25,000 bytes")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUDGET_CASES))
+def test_request_over_a_budget_is_invalid_before_any_work(budget_stub, case: str) -> None:  # type: ignore[no-untyped-def]
+    call, fragments = BUDGET_CASES[case]
+    tokenised = PREPROCESS_ITEMS.labels("text", "ok")._value.get()
+    expect(lambda: call(budget_stub), C.INVALID_ARGUMENT, *fragments)
+    assert PREPROCESS_ITEMS.labels("text", "ok")._value.get() == tokenised  # nothing was tokenised
+    still_serving(budget_stub)
+
+
+def test_a_16_bit_image_within_the_decode_memory_is_embedded(budget_stub) -> None:  # type: ignore[no-untyped-def]
+    grey = png_bytes(Image.fromarray(np.full((90, 90), 30000, np.uint16)))  # 8,100 x 3 = 24,300 bytes
+    r = budget_stub.EmbedImage(pb.EmbedImageRequest(images=[grey]), timeout=30)
+    assert matrix(r.embeddings).shape == (1, r.dim)

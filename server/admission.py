@@ -1,0 +1,123 @@
+"""Admission before work: a request's items are counted against budgets before any decoding or tokenising,
+and a request that fails, is cancelled or outstays its deadline stops the work it has not started.
+
+- In flight, per (model, version, tower): the items of the requests being preprocessed, queued or run. A request
+  that would pass ``max_inflight_items`` gets RESOURCE_EXHAUSTED at once (as text-embeddings-inference's
+  semaphore ``try_acquire``), instead of decoding its images only to be refused by the batcher's queue.
+- Preprocessing, all models together: items waiting for or in a preprocessing thread
+  (``max_preprocess_items``), the bound on the thread pool's otherwise unbounded queue.
+- Queue timeout (``queue_timeout_ms``, Triton's queue policy with REJECT): an item that waited longer than
+  that for a preprocessing thread is not started; its request gets UNAVAILABLE.
+
+All counting happens on the event loop (one thread): no locks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from .errors import ApiError
+
+# (Prometheus metrics of this module; they belong in server/metrics.py with the others.)
+ADMISSION_REJECTED = Counter(
+    "tandem_admission_rejected_total", "Requests refused before any work: reason inflight (max_inflight_items), "
+    "preprocess (max_preprocess_items) or queue_timeout (queue_timeout_ms)", ["model", "tower", "reason"],
+)
+INFLIGHT_ITEMS = Gauge("tandem_inflight_items", "Items admitted and not yet answered", ["model", "tower"])
+PREPROCESS_ITEMS = Counter(
+    "tandem_preprocess_items_total", "Images decoded and text batches tokenised, by outcome: ok, invalid (the "
+    "item was bad), cancelled (not started: its request had failed, was cancelled or passed its deadline), "
+    "expired (not started: it waited longer than queue_timeout_ms)", ["tower", "outcome"],
+)
+
+
+def resource_exhausted(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+class QueueTimeout(Exception):
+    """An item waited longer than queue_timeout_ms before its work started."""
+
+
+@dataclass
+class Work:
+    """One request's preprocessing: when it arrived, and whether its remaining items should still start.
+
+    Worker threads read `stop` before starting an item; the event loop sets it when the request fails, is
+    cancelled or passes its deadline. A thread that finds one of its request's items bad sets it too, so the
+    request's next items are skipped even before the event loop hears of the failure.
+    """
+
+    arrived: float = field(default_factory=time.monotonic)
+    timeout_s: float = 0.0  # 0: no queue timeout
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def may_start(self, tower: str) -> bool:
+        """Called in the worker thread as an item starts: False (counted) when it must not run."""
+        if self.stop.is_set():
+            PREPROCESS_ITEMS.labels(tower, "cancelled").inc()
+            return False
+        if self.timeout_s and time.monotonic() - self.arrived > self.timeout_s:
+            PREPROCESS_ITEMS.labels(tower, "expired").inc()
+            self.stop.set()
+            raise QueueTimeout()
+        return True
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(grpc.StatusCode.UNAVAILABLE,
+                        f"the request waited more than queue_timeout_ms={self.timeout_s * 1000:.0f} for a "
+                        "preprocessing thread and was not run; the server is overloaded, retry with backoff")
+
+
+class Admission:
+    """In-flight item counts per (model, version, tower) and the preprocessing count, with their limits."""
+
+    def __init__(self, max_inflight_items: int, max_preprocess_items: int, queue_timeout_ms: int = 0):
+        self.max_inflight_items, self.max_preprocess_items = max_inflight_items, max_preprocess_items
+        self.timeout_s = queue_timeout_ms / 1000
+        self.inflight: dict[tuple[str, str, str], int] = {}
+        self.preprocessing = 0
+
+    @contextmanager
+    def admit(self, model: str, version: str, tower: str, n: int) -> Iterator[None]:
+        """Hold n items of (model, version, tower) for the block, or raise RESOURCE_EXHAUSTED at once."""
+        key = (model, version, tower)
+        used = self.inflight.get(key, 0)
+        if used + n > self.max_inflight_items:
+            ADMISSION_REJECTED.labels(model, tower, "inflight").inc()
+            raise resource_exhausted(
+                f"{model}/{version} has {used} {tower} items in flight and this request brings {n}, more than "
+                f"max_inflight_items={self.max_inflight_items}; retry with backoff"
+            )
+        self.inflight[key] = used + n
+        INFLIGHT_ITEMS.labels(model, tower).inc(n)
+        try:
+            yield
+        finally:
+            self.inflight[key] -= n
+            INFLIGHT_ITEMS.labels(model, tower).dec(n)
+
+    @contextmanager
+    def preprocess(self, model: str, tower: str, n: int) -> Iterator[Work]:
+        """Hold n preprocessing places for the block, or raise RESOURCE_EXHAUSTED at once; the Work it yields
+        is stopped when the block ends, so that nothing of it starts afterwards."""
+        if self.preprocessing + n > self.max_preprocess_items:
+            ADMISSION_REJECTED.labels(model, tower, "preprocess").inc()
+            raise resource_exhausted(
+                f"{self.preprocessing} images and texts are waiting for or in preprocessing and this request "
+                f"brings {n}, more than max_preprocess_items={self.max_preprocess_items}; retry with backoff"
+            )
+        self.preprocessing += n
+        work = Work(timeout_s=self.timeout_s)
+        try:
+            yield work
+        finally:
+            work.stop.set()
+            self.preprocessing -= n
