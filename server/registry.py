@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -406,7 +407,8 @@ class Registry:
         if self.config.reveal_source_paths:
             return reason
         for prefix in {str(self.repository.resolve()), str(self.repository)}:
-            reason = reason.replace(prefix.rstrip("/") + "/", "")
+            # Only where a path starts: "models/" goes, the "models/" inside "my-models/1" stays.
+            reason = re.sub(r"(?<![\w./-])" + re.escape(prefix.rstrip("/") + "/"), "", reason)
         return reason
 
     async def _set_health(self, name: str, version: str, serving: bool) -> None:
