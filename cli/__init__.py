@@ -24,6 +24,7 @@ serving (the serving install, `make serve`):
   models         list the models a running server has loaded
   search         search a collection with texts and/or images; --sheet draws a contact sheet
   index          collections: create, list, describe, drop, rebuild, ingest (a folder of images), eval (recall)
+  bench          load-test a running server: items/s, p50/p95/p99, batch sizes, ratio to raw ONNX Runtime
   shapes         draw procedural test images to try the default model on
 
 training (the training extra, `pip install -e '.[train]'`; `make test` installs it in .venv-dev):

@@ -681,6 +681,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_models)
 
     register_collections(sub)
+    from . import bench  # module level is argparse and the standard library only; the work imports lazily
+
+    bench.add_parser(sub)
 
 
 def register_collections(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
