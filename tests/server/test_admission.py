@@ -196,3 +196,16 @@ def test_more_prompts_than_one_request_may_bring_is_invalid(stub) -> None:  # ty
     expect(lambda: stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=[f"l{i}" for i in range(7)],
                                                     templates=templates), timeout=30),
            C.INVALID_ARGUMENT, "35 prompts", "more than the server takes in one request (max_inflight_items=32)")
+
+
+def test_the_server_options_carry_the_connection_limits() -> None:
+    from server.config import ServerConfig, grpc_server_options
+
+    options = dict(grpc_server_options(ServerConfig(max_message_bytes=1 << 20, max_connection_age_s=600)))
+    assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 1 << 20
+    assert options["grpc.max_connection_age_ms"] == 600_000 and options["grpc.max_concurrent_streams"] == 256
+    assert "grpc.max_connection_age_ms" not in dict(grpc_server_options(ServerConfig(max_connection_age_s=0)))
+    server = grpc.server(ThreadPoolExecutor(1), options=list(options.items()))  # gRPC takes every one of them
+    assert server.add_insecure_port("127.0.0.1:0") > 0
+    server.start()
+    server.stop(0)
