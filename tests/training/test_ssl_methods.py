@@ -301,24 +301,30 @@ def test_random_init_backbones_are_not_flagged_as_collapsed(backbone: str, size:
     assert collapse_warning(stats) is None, stats
 
 
-def test_torchrun_two_cpu_processes_train_simclr(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """DDP over gloo with SyncBatchNorm: both ranks step, rank 0 checkpoints."""
+def test_torchrun_two_cpu_processes_train_simclr_on_shards(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """DDP over gloo on webdataset shards: both ranks step, each reads its own shards with its own worker, rank 0
+    checkpoints every rank's stream position."""
     import os
     import subprocess
     import sys
 
     from tests.conftest import ROOT
+    from tests.training.shard_data import write_shards
 
+    urls = write_shards(tmp_path / "shards", shards=4, per_shard=16, corrupt=None, labels=True)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training", "simclr", "--out", str(out), "--steps", "2", "--batch-size", "8",
-           "--image-size", "16", "--hidden-dim", "32", "--train-size", "64", "--eval-bank-size", "64",
-           "--val-size", "32", "--eval-every", "2", "--no-progress", "--device", "cpu"]
+           "-m", "training", "simclr", "--data", urls, "--out", str(out), "--steps", "2", "--batch-size", "8",
+           "--image-size", "16", "--hidden-dim", "32", "--workers", "1", "--eval-every", "2", "--no-progress",
+           "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and state["method"] == "simclr"
+    streams = state["streams"]
+    assert [s["world_size"] for s in streams] == [2, 2]
+    assert all(s["taken"]["0"] >= 16 for s in streams)  # two batches of 8 from each rank's own worker
 
 
 def test_swav_local_crops_fit_a_vit_patch_grid() -> None:

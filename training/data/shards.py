@@ -3,8 +3,8 @@
     --data 'data/{00000..00099}.tar'     brace-expanded shard names (anything webdataset opens: paths, pipe:...)
 
 A sample is the files of one tar that share a key (`000123.jpg`, `000123.txt`, `000123.json`): an image
-(jpg, jpeg, png or webp) and, for CLIP, a caption from `txt`, else from `json`'s "caption". An optional
-`cls` (an integer) is the image's label, used only by the self-supervised methods' online probe.
+(jpg, jpeg, png or webp) and, for CLIP, a caption from `txt`, else from `json`'s "caption". An integer `cls`, when present, is kept as the
+sample's label (-1 otherwise); nothing trains on it.
 
 Streaming, so the data may be larger than memory and disk cache: nothing is indexed or cached. Per epoch:
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbones import build_backbone
-from training.config import SSLConfig
+from training.config import METHODS, SSLConfig
 from training.data import procedural
 from training.data.images import FolderImages, ShapesImages, folder_classes, stack
 from training.data.shards import ShardImages, is_shards
@@ -52,9 +52,19 @@ class SSLMethod(nn.Module):
     sync_batchnorm = True  # convert BatchNorm to SyncBatchNorm under DDP
     needs_vit = False  # True where the method only works on a ViT backbone (MAE)
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.name in METHODS:  # (optimiser, lr at batch 128, weight decay), read from the method's config
+            config = METHODS[cls.name]
+            optimizer = config.__dataclass_fields__["optimizer"].default
+            cls.default_optimizer = (optimizer, *config.OPTIMIZERS[optimizer])
+
     def __init__(self, config: SSLConfig, dist: Dist | None = None, probe_classes: int | None = None):
-        """`probe_classes`: classes of the online linear probe (None: as many as the data has labels; 0: none)."""
+        """`probe_classes`: classes of the online linear probe (None: as many as the data has labels; 0: none).
+        A plain SSLConfig becomes the method's own config class, its other settings at their defaults."""
         super().__init__()
+        if type(config) is not METHODS[self.name]:
+            config = METHODS[self.name].from_dict({**asdict(config), "method": self.name})  # type: ignore[assignment]
         self.config, self.dist = config, dist or Dist()
         self.backbone = build_backbone(config.backbone, config.image_size, config.patch_size)
         self._eval: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
@@ -109,7 +119,8 @@ class SSLMethod(nn.Module):
 
     def loss(self, model: nn.Module, batch: tuple[list[torch.Tensor], torch.Tensor], device: torch.device
              ) -> torch.Tensor:
-        return model([v.to(device, non_blocking=True) for v in batch[0]], batch[1].to(device, non_blocking=True))
+        labels = batch[1].to(device, non_blocking=True) if batch[1] is not None else None
+        return model([v.to(device, non_blocking=True) for v in batch[0]], labels)
 
     def after_step(self, step: int = 0, total: int = 1) -> dict[str, Any]:
         """Scalars to log (floats or 0-d tensors: the trainer reads them only when it logs)."""

@@ -19,6 +19,7 @@ class BYOL(MomentumMethod):
 
     def __init__(self, config: BYOLConfig, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist, probe_classes)
+        config = self.config  # the method's own config class
         c = config
         self.projector = byol_projector(self.backbone.dim, c.hidden_dim, c.out_dim)
         self.predictor = byol_projector(c.out_dim, c.hidden_dim, c.out_dim)

@@ -50,6 +50,7 @@ class MAE(SSLMethod):
 
     def __init__(self, config: MAEConfig, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist, probe_classes)
+        config = self.config  # the method's own config class
         vit = self.backbone.net
         if not isinstance(vit, VisionTransformer):
             raise ValueError(f"MAE needs a ViT backbone (vit-micro, vit-tiny, vit-small), not {config.backbone}")

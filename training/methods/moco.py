@@ -31,6 +31,7 @@ class MoCoV2(MomentumMethod):
 
     def __init__(self, config: MoCoV2Config, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist, probe_classes)
+        config = self.config  # the method's own config class
         self.projector = moco_v2_projector(self.backbone.dim, config.hidden_dim, config.out_dim)
         self.make_targets()
         self.criterion = InfoNCELoss(config.temperature)
@@ -60,6 +61,7 @@ class MoCoV3(MomentumMethod):
 
     def __init__(self, config: MoCoV3Config, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist, probe_classes)
+        config = self.config  # the method's own config class
         c = config
         self.projector = moco_v3_projector(self.backbone.dim, c.hidden_dim, c.out_dim)
         self.predictor = moco_v3_predictor(c.out_dim, c.hidden_dim, c.out_dim)

@@ -21,6 +21,7 @@ class SimCLR(SSLMethod):
 
     def __init__(self, config: SimCLRConfig, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist, probe_classes)
+        config = self.config  # the method's own config class
         self.projector = simclr_projector(self.backbone.dim, config.hidden_dim, config.out_dim)
         self.criterion = NTXentLoss(config.temperature)
 

@@ -18,6 +18,7 @@ class SimSiam(SSLMethod):
 
     def __init__(self, config: SimSiamConfig, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist, probe_classes)
+        config = self.config  # the method's own config class
         c = config
         self.projector = simsiam_projector(self.backbone.dim, c.hidden_dim, c.hidden_dim)
         self.predictor = simsiam_predictor(c.hidden_dim, max(8, c.hidden_dim // 4))

@@ -25,6 +25,7 @@ class SwAV(SSLMethod):
 
     def __init__(self, config: SwAVConfig, dist=None, probe_classes=None):  # type: ignore[no-untyped-def]
         super().__init__(config, dist, probe_classes)
+        config = self.config  # the method's own config class
         c = config
         if c.backbone in VITS:  # local crops are smaller than global ones
             self.backbone = build_backbone(c.backbone, c.image_size, c.patch_size, dynamic_size=True)
