@@ -21,21 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
-from prometheus_client import Counter, Gauge
 
 from .errors import ApiError
+from .metrics import ADMISSION_REJECTED, INFLIGHT_ITEMS, PREPROCESS_ITEMS
 
-# (Prometheus metrics of this module; they belong in server/metrics.py with the others.)
-ADMISSION_REJECTED = Counter(
-    "tandem_admission_rejected_total", "Requests refused before any work: reason inflight (max_inflight_items), "
-    "preprocess (max_preprocess_items) or queue_timeout (queue_timeout_ms)", ["model", "tower", "reason"],
-)
-INFLIGHT_ITEMS = Gauge("tandem_inflight_items", "Items admitted and not yet answered", ["model", "tower"])
-PREPROCESS_ITEMS = Counter(
-    "tandem_preprocess_items_total", "Images decoded and text batches tokenised, by outcome: ok, invalid (the "
-    "item was bad), cancelled (not started: its request had failed, was cancelled or passed its deadline), "
-    "expired (not started: it waited longer than queue_timeout_ms)", ["tower", "outcome"],
-)
+__all__ = ["ADMISSION_REJECTED", "INFLIGHT_ITEMS", "PREPROCESS_ITEMS", "Admission", "QueueTimeout", "Work"]
 
 
 def resource_exhausted(message: str) -> ApiError:

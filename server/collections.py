@@ -204,20 +204,24 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                                  f"{self.config.max_text_chars}")
             else:
                 good_texts[i] = t
+        if (total := sum(map(len, good_texts.values()))) > self.config.max_request_text_chars:
+            raise invalid(f"the texts of this request have {total:,} characters in all, more than "
+                          f"max_request_text_chars={self.config.max_request_text_chars:,}; split the request")
         if good_texts:
-            emb, _ = await self.inference.embed_texts(m, list(good_texts.values()))
+            emb, _ = await self.inference.embed_texts(m, list(good_texts.values()))  # admitted in there
             out.update(zip(good_texts, emb))
         if images:
             keys = list(images)
-            tensors = await self.inference.preprocess_images(m, [images[k] for k in keys],
-                                                             [f"{labels[k]}.image" for k in keys])
-            ok = [(k, t) for k, t in zip(keys, tensors) if not isinstance(t, ApiError)]
-            for k, t in zip(keys, tensors):
-                if isinstance(t, ApiError):
-                    out[k] = t
-            if ok:
-                emb = await m.image.submit(np.stack([t for _, t in ok]))
-                out.update(zip([k for k, _ in ok], emb))
+            with self.inference.admission.admit(m.name, m.version, "image", len(keys)):
+                tensors = await self.inference.preprocess_images(m, [images[k] for k in keys],
+                                                                 [f"{labels[k]}.image" for k in keys])
+                ok = [(k, t) for k, t in zip(keys, tensors) if not isinstance(t, ApiError)]
+                for k, t in zip(keys, tensors):
+                    if isinstance(t, ApiError):
+                        out[k] = t
+                if ok:
+                    emb = await m.image.submit(np.stack([t for _, t in ok]))
+                    out.update(zip([k for k, _ in ok], emb))
         return out
 
     # -- items -----------------------------------------------------------------------

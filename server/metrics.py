@@ -33,6 +33,16 @@ QUEUE_REJECTED = Counter("tandem_queue_rejected_total", "Requests refused becaus
 MODEL_INFO = Gauge(
     "tandem_model_info", "Loaded models (value 1) and where they run", ["model", "version", "kind", "provider"]
 )
+ADMISSION_REJECTED = Counter(
+    "tandem_admission_rejected_total", "Requests refused before any work: reason inflight (max_inflight_items), "
+    "preprocess (max_preprocess_items) or queue_timeout (queue_timeout_ms)", ["model", "tower", "reason"],
+)
+INFLIGHT_ITEMS = Gauge("tandem_inflight_items", "Items admitted and not yet answered", ["model", "tower"])
+PREPROCESS_ITEMS = Counter(
+    "tandem_preprocess_items_total", "Images decoded and text batches tokenised, by outcome: ok, invalid (the "
+    "item was bad), cancelled (not started: its request had failed, was cancelled or passed its deadline), "
+    "expired (not started: it waited longer than queue_timeout_ms)", ["tower", "outcome"],
+)
 ZERO_SHOT_CACHE = Counter("tandem_zero_shot_cache_total", "Label-embedding cache lookups", ["result"])
 
 
