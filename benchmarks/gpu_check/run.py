@@ -548,8 +548,8 @@ def start_server(w: Worker, repo: Path, device: str) -> tuple[subprocess.Popen, 
         cmd += ["--" + k.replace("_", "-"), str(v)]
     log_path = w.work / f"server-{port}.log"
     log = open(log_path, "w")  # noqa: SIM115 (the server writes it until it stops)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=repo_env())
+    # In the worker's process group: killing a worker that ran out of time stops its server too.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=repo_env())
     target = f"127.0.0.1:{port}"
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
     while w.left() > 5:
@@ -1047,8 +1047,10 @@ def spawn_worker(name: str, args: argparse.Namespace, budget_s: float, out_json:
     started = time.perf_counter()
     log_path = work / f"worker-{name}.log"
     with open(log_path, "w") as log:
+        # A process group of its own (not a session: the device machine ends what a call leaves running,
+        # except new sessions), so that a worker past its budget goes with everything it started.
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=repo_env(env),
-                                start_new_session=True)
+                                process_group=0)
         try:
             code: int | str = proc.wait(budget_s + GRACE_S)
         except subprocess.TimeoutExpired:
@@ -1099,16 +1101,21 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     def run_section(section: str) -> None:
         started = time.perf_counter()
         entry: dict[str, Any] = {"status": "running", "results": {}, "workers": {}}
+        with lock:
+            report["sections"][section] = entry  # the next worker (server: ratios to raw ORT) reads it
         for name, budget in WORKERS[section]:
             budget = max(EXPORT_MIN_S, budget * scale) if name == "export" else budget * scale
             if args.cpu_smoke:
                 budget = SMOKE_BUDGET_S  # tiny sizes: a worker ends when its work is done
+            elif run_ends - time.monotonic() - GRACE_S < budget:
+                budget = run_ends - time.monotonic() - GRACE_S
+                why = f"the run's --max-s {args.max_s:.0f} was spent"
             else:
-                budget = min(budget, run_ends - time.monotonic() - GRACE_S)
+                why = "its budget was under 10 s: raise --budget-s"
             if budget < 10:
                 with lock:
-                    entry["results"][name] = f"skipped: the run's --max-s {args.max_s:.0f} was spent"
-                    entry.setdefault("errors", []).append(f"worker {name} not run: --max-s spent")
+                    entry["results"][name] = f"skipped: {why}"
+                    entry.setdefault("errors", []).append(f"worker {name} not run: {why}")
                 continue
             print(f"[gpu_check] {section}/{name} (budget {budget:.0f} s) ...", flush=True)
             got = spawn_worker(name, args, budget, out_path, work, fenv if name == "faiss" else None)
@@ -1117,7 +1124,6 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 if got.get("errors"):
                     entry.setdefault("errors", []).extend(got.pop("errors"))
                 entry["workers"][name] = got
-                report["sections"][section] = entry  # the next worker (server: ratios to raw ORT) reads it
                 write_json(out_path, report)
         with lock:
             entry["seconds"] = time.perf_counter() - started
