@@ -366,7 +366,16 @@ class Registry:
         m = versions.get(version)
         if m is None:
             raise self._missing(name, version)
-        with contextlib.suppress(RuntimeError):
+        return self._used(m)
+
+    def lookup(self, name: str, version: str) -> LoadedModel | None:
+        """The READY <name>/<version> or None (both given: a collection's bound bundle), remembered like get()."""
+        m = self.models.get(name, {}).get(version)
+        return None if m is None else self._used(m)
+
+    @staticmethod
+    def _used(m: LoadedModel) -> LoadedModel:
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to drain for
             task = asyncio.current_task()
             if task is not None and task not in m.users:
                 m.users.add(task)
