@@ -79,6 +79,9 @@ class Admission:
     def admit(self, model: str, version: str, tower: str, n: int) -> Iterator[None]:
         """Hold n items of (model, version, tower) for the block, or raise RESOURCE_EXHAUSTED at once."""
         key = (model, version, tower)
+        if key not in self.inflight:  # export the refusal series before the first refusal (for increase())
+            for reason in ("inflight", "preprocess", "queue_timeout"):
+                ADMISSION_REJECTED.labels(model, tower, reason)
         used = self.inflight.get(key, 0)
         if used + n > self.max_inflight_items:
             ADMISSION_REJECTED.labels(model, tower, "inflight").inc()

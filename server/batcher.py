@@ -31,6 +31,10 @@ class QueueFull(RuntimeError):
     pass
 
 
+class QueueExpired(RuntimeError):
+    """The request waited in the queue longer than the queue timeout and was not run."""
+
+
 @dataclass(eq=False)  # identity, not field, equality: rows are numpy arrays
 class _Pending:
     rows: np.ndarray
@@ -49,13 +53,17 @@ class Batcher:
         max_queue_delay_us: int = 2000,
         max_queue_rows: int = 4096,
         labels: tuple[str, str] = ("model", "tower"),
+        queue_timeout_us: int = 0,
     ):
+        """queue_timeout_us: a request whose first rows have waited longer than this when a batch is formed
+        fails with QueueExpired instead of running (Triton's queue policy, REJECT); 0 waits as long as it takes."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._run, self._executor = run, executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_rows = max_queue_rows
+        self.queue_timeout_s = queue_timeout_us / 1e6
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._running: list[_Pending] = []  # requests with rows in the run in progress
@@ -66,6 +74,7 @@ class Batcher:
         # Export the series from the start: a rate() or increase() over a series that appears at its first
         # rejection never counts that first one.
         metrics.QUEUE_REJECTED.labels(*labels)
+        metrics.QUEUE_EXPIRED.labels(*labels)
         metrics.QUEUE_ROWS.labels(*labels).set(0)
 
     def start(self) -> None:
@@ -132,8 +141,23 @@ class Batcher:
                 metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
             raise
 
+    def _expire(self) -> None:
+        """Fail the queued requests that waited past the queue timeout (none of their rows has run)."""
+        oldest = time.perf_counter() - self.queue_timeout_s
+        while self._queue and self._queue[0].offset == 0 and self._queue[0].enqueued < oldest:
+            p = self._queue.popleft()
+            self._queued_rows -= len(p.rows)
+            metrics.QUEUE_EXPIRED.labels(*self._labels).inc()
+            if not p.future.done():
+                p.future.set_exception(QueueExpired(
+                    f"the request waited more than {self.queue_timeout_s * 1000:g} ms (queue_timeout_ms) in the "
+                    f"{self._labels[1]} queue of {self._labels[0]} and was not run; the server is overloaded, "
+                    "retry with backoff"))
+
     def _take_batch(self) -> list[tuple[_Pending, int, int]]:
         """Pop up to max_batch_size rows from the head: (request, start, stop) slices."""
+        if self.queue_timeout_s:
+            self._expire()
         taken: list[tuple[_Pending, int, int]] = []
         room = self.max_batch_size
         while self._queue and room:
@@ -161,9 +185,10 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
                 except TimeoutError:
                     break
-            if not self._queue:
-                continue
             taken = self._take_batch()
+            if not taken:  # nothing queued, or all of it expired
+                metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
+                continue
             metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
             now = time.perf_counter()
             for p, start, _ in taken:

@@ -408,7 +408,8 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             # (text-embeddings-inference's batcher never idles either). Waiting would add the whole delay to
             # every lone search, and FAISS's cost per query barely falls with batch size on the CPU.
             cfg = self.config
-            b = Batcher(run, self.pool, cfg.max_batch_size, 0, cfg.max_queue_rows, labels=(c.spec.name, "search"))
+            b = Batcher(run, self.pool, cfg.max_batch_size, 0, cfg.max_queue_rows, labels=(c.spec.name, "search"),
+                        queue_timeout_us=cfg.queue_timeout_ms * 1000)
             self._batchers[key] = b
         return b
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from . import metrics
-from .batcher import QueueFull
+from .batcher import QueueExpired, QueueFull
 
 log = logging.getLogger("tandem.server")
 Code = grpc.StatusCode
@@ -75,6 +75,9 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
             except QueueFull as e:
                 record(Code.RESOURCE_EXHAUSTED)
                 await context.abort(Code.RESOURCE_EXHAUSTED, str(e))
+            except QueueExpired as e:
+                record(Code.UNAVAILABLE)
+                await context.abort(Code.UNAVAILABLE, str(e))
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 record(Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED)

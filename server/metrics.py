@@ -29,6 +29,8 @@ STAGE_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram("tandem_batch_size", "Rows per ONNX Runtime run", ["model", "tower"], buckets=_BATCH_BUCKETS)
 QUEUE_ROWS = Gauge("tandem_queue_rows", "Rows waiting in the batcher", ["model", "tower"])
+QUEUE_EXPIRED = Counter("tandem_queue_expired_total", "Requests failed unrun: they waited in the batcher's queue "
+                        "longer than queue_timeout_ms", ["model", "tower"])
 QUEUE_REJECTED = Counter("tandem_queue_rejected_total", "Requests refused because the queue was full", ["model", "tower"])
 MODEL_INFO = Gauge(
     "tandem_model_info", "Loaded models (value 1) and where they run", ["model", "version", "kind", "provider"]

@@ -345,3 +345,22 @@ def test_idle_only_when_nothing_is_queued_or_running_and_inline_runs_skip_the_qu
             assert model.batches[-1] == [5.0, 6.0] and 0 <= b.last_run_s < GUARD_S
 
     run(main)
+
+
+def test_requests_that_outwait_the_queue_timeout_fail_unrun_and_the_rest_run() -> None:
+    from server.batcher import QueueExpired
+
+    async def main() -> None:
+        async with batcher(held=True, max_batch_size=8, max_queue_delay_us=0) as (model, b):
+            busy = await occupy(model, b, [1.0])
+            b.queue_timeout_s = 1e-6  # from now on: whatever waits behind the held run has waited too long
+            late = await enqueue(b, [2.0, 3.0])
+            model.release()
+            np.testing.assert_array_equal(await result(busy), doubled([1.0]))
+            with pytest.raises(QueueExpired, match="queue_timeout_ms"):
+                await result(late)
+            assert b.queued_rows == 0 and [2.0, 3.0] not in model.batches
+            b.queue_timeout_s = 0.0
+            np.testing.assert_array_equal(await result(asyncio.create_task(b.submit(rows(4.0)))), doubled([4.0]))
+
+    run(main)
