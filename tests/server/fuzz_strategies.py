@@ -635,6 +635,9 @@ KNOWN_ISSUES = (
     # Pillow raises MemoryError from decoder.setimage for a PNG row over 256 MiB (16-bit RGBA, width >= 33,554,425:
     # under the 40 MP pixel limit with height 1), before any pixel is read.
     KnownIssue("very wide 16-bit PNG is INTERNAL (MemoryError)", frozenset({C.INTERNAL}), "MemoryError"),
+    # index/filters.py _number: float(n) raises OverflowError for an integer literal of more than 308 digits.
+    KnownIssue("filter with a 309-digit integer is INTERNAL", frozenset({C.INTERNAL}),
+               "int too large to convert to float"),
 )
 
 

@@ -123,6 +123,13 @@ KNOWN_FAILURES = [
     pytest.param("EmbedImage", pb.EmbedImageRequest(images=[png_header_only(33_554_425, 1, 16, 6)]),
                  id="png-33554425x1-16bit-rgba",
                  marks=xfail("Pillow raises MemoryError (a 256 MiB row) for this 33.5 MP image: INTERNAL")),
+    pytest.param("Search", pb.SearchRequest(collection=COLLECTION, filter="n = 1" + "0" * 309,
+                                            queries=[pb.Query(terms=[pb.QueryTerm(id="red")])]),
+                 id="search-filter-310-digit-integer",
+                 marks=xfail("a filter integer over float's range is INTERNAL: OverflowError in filters._number")),
+    pytest.param("Delete", pb.DeleteRequest(collection=COLLECTION, filter="n < -1" + "0" * 309),
+                 id="delete-filter-310-digit-integer",
+                 marks=xfail("a filter integer over float's range is INTERNAL: OverflowError in filters._number")),
 ]
 
 
