@@ -19,9 +19,10 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from index.manager import Collections
 
+from . import metrics
 from .auth import TokenAuth, TokenStore, check_exposure, server_credentials
 from .collections import CollectionsService, observe
-from .config import ServerConfig
+from .config import ServerConfig, grpc_server_options
 from .registry import Registry
 from .service import Inference, Models
 
@@ -39,15 +40,13 @@ class TandemServer:
         check_exposure(config, self.tokens)
         credentials = server_credentials(config)
         self.registry = Registry(config)
+        metrics.MODEL_STATUS.registry = self.registry
         self.collections = Collections(Path(config.data_dir), config.snapshot_every_changes, config.device)
         self.health = health.aio.HealthServicer()
         self.registry.health = self.health  # one service name per bundle: tandem.model/<name>/<version>
         self._poll: asyncio.Task[None] | None = None
         self._collections_open = False
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
+        options = grpc_server_options(config)
         self.server = grpc.aio.server(options=options, interceptors=[TokenAuth(self.tokens)] if self.tokens else [])
         inference = Inference(self.registry, config)
         self.collections_service = CollectionsService(self.registry, self.collections, config, inference)

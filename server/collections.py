@@ -108,12 +108,12 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     def _bound_model(self, c: Collection) -> LoadedModel:
         """The loaded bundle the collection is bound to, or FAILED_PRECONDITION naming it."""
         s = c.spec
-        m = self.registry.models.get(s.model, {}).get(s.version)
+        m = self.registry.lookup(s.model, s.version)  # remembered: unloading the model waits for this request
         if m is None:
             raise failed_precondition(
                 f"collection {s.name!r} is bound to model {s.model}/{s.version} (image.onnx sha256 "
                 f"{s.model_sha256[:12]}), which this server has not loaded; add that bundle to the model "
-                "repository and restart. Its vectors cannot be mixed with another model's")
+                "repository, or LoadModel it if it is there. Its vectors cannot be mixed with another model's")
         if m.bundle.manifest.image.sha256 != s.model_sha256:
             raise failed_precondition(
                 f"collection {s.name!r} was built with {s.model}/{s.version} whose image.onnx has sha256 "

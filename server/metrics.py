@@ -75,3 +75,39 @@ class _CollectionGauges:
 
 COLLECTIONS = _CollectionGauges()
 REGISTRY.register(COLLECTIONS)
+
+
+class _ModelStatus:
+    """tandem_model_status{model, version, status} = 1 for every bundle of the repository (READY, LOADING,
+    UNAVAILABLE, UNLOADED), read from the server's registry at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry: Any = None  # server.registry.Registry, set by the server
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("tandem_model_status", "Bundles in the model repository (value 1) by status: "
+                                 "READY, LOADING, UNAVAILABLE (failed to load; see ListModels for the reason) or "
+                                 "UNLOADED", labels=["model", "version", "status"])
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = self._family()
+        if self.registry is not None:
+            for _ in range(3):  # the registry changes on the event loop while this runs in the scrape thread
+                try:
+                    entries = [e for e, _ in self.registry.listing()]
+                    break
+                except RuntimeError:
+                    continue
+            else:
+                entries = []
+            for e in entries:
+                family.add_metric([e.name, e.version, e.status], 1)
+        return [family]
+
+
+MODEL_STATUS = _ModelStatus()
+REGISTRY.register(MODEL_STATUS)

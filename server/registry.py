@@ -10,7 +10,6 @@ import contextlib
 import logging
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from bundle import Bundle, BundleError, discover, load_bundle, version_key
 from bundle.signing import load_public_key
 from bundle.tokenizer import ClipTokenizer
+from bundle.zero_shot import LabelCache
 
 from . import metrics
 from .batcher import Batcher
@@ -78,27 +78,6 @@ def fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(files)
 
 
-class LabelCache:
-    """LRU of zero-shot label embeddings keyed by (labels, templates)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = OrderedDict()
-
-    def get(self, key: tuple[tuple[str, ...], tuple[str, ...]]) -> np.ndarray | None:
-        value = self._items.get(key)
-        metrics.ZERO_SHOT_CACHE.labels("hit" if value is not None else "miss").inc()
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[tuple[str, ...], tuple[str, ...]], value: np.ndarray) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-
 @dataclass
 class LoadedModel:
     bundle: Bundle
@@ -106,7 +85,7 @@ class LoadedModel:
     text: Batcher | None
     tokenizer: ClipTokenizer | None
     provider: str
-    labels: LabelCache = field(default_factory=lambda: LabelCache(256))
+    labels: LabelCache = field(default_factory=lambda: LabelCache(64 << 20, 256))
     # The request tasks that looked this model up (Registry.get): unloading waits for them to finish.
     users: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -191,13 +170,13 @@ class Registry:
             text=self._batcher(towers["text"], m.name, "text") if "text" in towers else None,
             tokenizer=ClipTokenizer(bundle.tokenizer_path, m.text.context_length) if m.text else None,
             provider=towers["image"].provider,
-            labels=LabelCache(self.config.label_cache_size),
+            labels=LabelCache(self.config.label_cache_bytes, self.config.label_cache_size),
         )
 
     def _batcher(self, tower: Tower, name: str, kind: str) -> Batcher:
         c = self.config
         return Batcher(tower, self.inference_pool, c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows,
-                       labels=(name, kind))
+                       labels=(name, kind), queue_timeout_us=c.queue_timeout_ms * 1000)
 
     @staticmethod
     async def _warm_up(m: LoadedModel) -> None:

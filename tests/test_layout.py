@@ -1,6 +1,7 @@
 """Imports run one way, and the server runs without torch.
 
-    bundle/    numpy, Pillow, tokenizers, ftfy, regex and the standard library only
+    bundle/    numpy, Pillow, tokenizers, ftfy, regex, protobuf (ONNX external-data references), cryptography
+               (bundle signatures) and the standard library only
     server/    bundle, index, the proto stubs, serving libraries; never training or torch
     index/     bundle and serving libraries; never server, training or torch
     training/  bundle and the training libraries; never server
@@ -32,7 +33,7 @@ from tests.conftest import ROOT, SHIPPED_MODELS
 
 TORCH = {"torch", "torchvision", "open_clip", "timm", "onnx", "onnxscript", "tensorboard", "matplotlib"}
 ALLOWED = {
-    "bundle": {"bundle", "numpy", "PIL", "tokenizers", "ftfy", "regex"},
+    "bundle": {"bundle", "numpy", "PIL", "tokenizers", "ftfy", "regex", "google", "cryptography"},
     "server": {"server", "bundle", "index", "tandem", "numpy", "PIL", "grpc", "grpc_health", "grpc_reflection",
                "google", "prometheus_client", "onnxruntime", "faiss", "tqdm"},
     "index": {"index", "bundle", "numpy", "faiss"},

@@ -213,7 +213,7 @@ def test_each_scope_allows_its_methods_and_only_those(token_server, scope) -> No
 def test_unlisted_methods_need_admin(token_server) -> None:  # type: ignore[no-untyped-def]
     """Deny by default: a method missing from METHOD_SCOPES (here one the server lacks) needs `admin`."""
     channel = grpc.insecure_channel(token_server.target)
-    call = channel.unary_unary("/tandem.v1.Models/LoadModel")
+    call = channel.unary_unary("/tandem.v1.Models/NoSuchMethod")
     for name, want in (("writer", grpc.StatusCode.PERMISSION_DENIED), ("admin", grpc.StatusCode.UNIMPLEMENTED)):
         assert code_of(lambda name=name: call(b"", timeout=5, metadata=(("authorization", f"Bearer {SECRETS[name]}"),))) == want
     channel.close()

@@ -115,6 +115,11 @@ def test_a_broken_bundle_is_listed_unavailable_with_its_reason_and_the_others_se
         assert got.status == pb.MODEL_STATUS_UNAVAILABLE and got.reason == reason
         info = s.models.GetModel(pb.GetModelRequest(model="tiny-clip"), timeout=10)
         assert info.source.startswith("checkpoint sha256:") and "/" not in info.source  # no local paths
+        from prometheus_client import REGISTRY  # the in-process server's registry, read at scrape time
+
+        status = {(lbl["model"], lbl["status"]) for family in REGISTRY.collect() if family.name == "tandem_model_status"
+                  for lbl in (sample.labels for sample in family.samples)}
+        assert {("broken", "UNAVAILABLE"), ("tiny-clip", "READY")} <= status
     finally:
         running.stop()
 
