@@ -105,6 +105,19 @@ class ServerConfig:
         return json.dumps(self.as_dict(), indent=2)
 
 
+def markdown_table() -> str:
+    """The settings as the table in docs/operations.md (`python -c 'import server.config as c;
+    print(c.markdown_table())'`; tests/server/test_config.py checks that the docs hold it)."""
+    rows = ["| field | flag | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            flag = f"{flag}` / `--no-{f.name.replace('_', '-')}"
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{json.dumps(f.default)}` | {help_text} |")
+    return "\n".join(rows)
+
+
 def _convert(kind: Any, raw: Any, where: str) -> Any:
     if isinstance(raw, str) and kind in (bool, "bool"):
         if raw.lower() in ("1", "true", "yes", "on"):

@@ -61,3 +61,13 @@ def test_every_field_has_help_and_a_flag() -> None:
 def test_items_per_request_must_fit_the_queue() -> None:
     with pytest.raises(ValueError, match="must not exceed max_queue_rows"):
         cfg.load(parse("--max-items-per-request", "100", "--max-queue-rows", "50"), {})
+
+
+def test_the_operations_guide_lists_every_setting_as_the_code_defines_it() -> None:
+    from pathlib import Path
+
+    from server.config import markdown_table
+
+    docs = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    missing = [row for row in markdown_table().splitlines() if row not in docs]
+    assert not missing, "docs/operations.md is out of date; regenerate its settings table:\n" + "\n".join(missing)
