@@ -39,8 +39,8 @@ from .service import Inference
 
 MAX_ID_CHARS = 256
 # A search that is the only request in flight runs on the event loop, without the thread hop (~0.1 ms, more than
-# an IVF search), when the collection's latest search took less than this; others queue for the batcher.
-INLINE_SEARCH_MAX_S = 0.001
+# an IVF search), when the collection's recent searches took less than this; others queue for the batcher.
+INLINE_SEARCH_MAX_S = 0.002
 METADATA_CACHE_BYTES = 16 << 20  # per collection: serialized metadata of recent hits (popular items come back often)
 
 
@@ -436,7 +436,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         with_metadata = not request.without_metadata
         if where is None and not request.exact:
             b = self._batcher(c, k, with_metadata)
-            if in_flight() == 1 and b.idle and b.last_run_s < INLINE_SEARCH_MAX_S:
+            if in_flight() == 1 and b.idle and b.quick_run_s < INLINE_SEARCH_MAX_S:
                 results = b.run_inline(q)  # a lone, cheap search: a thread hop would cost more than FAISS
             else:
                 results = await b.submit(q)

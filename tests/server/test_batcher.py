@@ -332,7 +332,7 @@ def test_idle_only_when_nothing_is_queued_or_running_and_inline_runs_skip_the_qu
     """The search path runs a lone request inline when the batcher is idle (server/collections.py)."""
     async def main() -> None:
         async with batcher(held=True, max_batch_size=8, max_queue_delay_us=0) as (model, b):
-            assert b.idle and b.last_run_s == float("inf")
+            assert b.idle and b.quick_run_s == float("inf")
             busy = await occupy(model, b, [1.0])
             assert not b.idle  # a run in progress
             queued = await enqueue(b, [2.0])
@@ -342,7 +342,7 @@ def test_idle_only_when_nothing_is_queued_or_running_and_inline_runs_skip_the_qu
             np.testing.assert_array_equal(await result(queued), doubled([2.0]))
             await until(lambda: b.idle, "the batcher idle again")
             np.testing.assert_array_equal(b.run_inline(rows(5.0, 6.0)), doubled([5.0, 6.0]))
-            assert model.batches[-1] == [5.0, 6.0] and 0 <= b.last_run_s < GUARD_S
+            assert model.batches[-1] == [5.0, 6.0] and 0 <= b.quick_run_s < GUARD_S
 
     run(main)
 
