@@ -16,7 +16,7 @@ A failing example is shrunk by hypothesis to a small one and printed with the pr
 lines of that moment; the run goes on with the next method. If the server process dies, the example that
 killed it is printed as sent (not shrunk) and the server is started again.
 
-Prints and writes <out>/fuzz.json: requests per method and status code, known issues, the slowest requests,
+Prints and writes <out>/fuzz.json: requests per method and status code, known issues, the slowest request of each method,
 failures. Exit status 1 when anything failed. docs/fuzzing.md says more.
 """
 
@@ -119,15 +119,15 @@ class Server:
 class Stats:
     codes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method or method+" raw", code) -> n
     known: Counter[str] = field(default_factory=Counter)
-    slowest: list[tuple[float, str, str, str]] = field(default_factory=list)  # seconds, method, code, request
+    slowest: dict[str, tuple[float, str, str]] = field(default_factory=dict)  # method -> (seconds, code, request)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, label: str, outcome: Outcome, example: Any) -> None:
         self.codes[label, outcome.code.name] += 1
         if outcome.known:
             self.known[outcome.known] += 1
-        self.slowest.append((outcome.seconds, label, outcome.code.name, describe(example, 300)))
-        self.slowest = sorted(self.slowest, reverse=True)[:10]
+        if outcome.seconds > self.slowest.get(label, (0.0,))[0]:
+            self.slowest[label] = (outcome.seconds, outcome.code.name, describe(example, 300))
 
 
 def describe(example: Any, limit: int = 4000) -> str:
@@ -181,7 +181,8 @@ def report(stats: Stats, seconds: float) -> str:
         lines.append(f"{m:<{width}}  " + "  ".join(f"{stats.codes[m, c]:>18,}" for c in codes))
     lines += ["", "known issues (not counted as failures): "
               + (", ".join(f"{k}: {n:,}" for k, n in stats.known.items()) or "none")]
-    lines += ["", "slowest requests:"] + [f"  {s:7.3f} s  {m}  {c}  {r}" for s, m, c, r in stats.slowest]
+    lines += ["", "slowest request per method:"] + [
+        f"  {s:7.3f} s  {m}  {c}  {r}" for m, (s, c, r) in sorted(stats.slowest.items(), key=lambda x: -x[1][0])]
     lines += ["", f"failures: {len(stats.failures)}"]
     for f in stats.failures:
         lines += [f"- {f['method']} (seed {f['seed']}){' CRASHED THE SERVER' if f['crash'] else ''}: "
