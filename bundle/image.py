@@ -112,6 +112,9 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Image.
         return _resample_mode(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError) as e:
         raise ImageInputError(f"could not be decoded as {img.format} ({e}); is it truncated or corrupt?") from None
+    except MemoryError:  # Pillow refuses some shapes whatever the budget, e.g. a single 16-bit row over 256 MiB
+        raise ImageInputError(f"is {width}x{height} {img.mode}, a shape {img.format} cannot be decoded in memory "
+                              "(a row over 256 MiB); downscale it") from None
 
 
 def _size(n: int) -> str:

@@ -49,7 +49,8 @@ EPILOG = """examples:
 """
 
 # Modules only the training extra installs: a missing one means "install the extra", not a bug.
-TRAINING_MODULES = {"torch", "torchvision", "open_clip", "timm", "onnx", "onnxscript", "tensorboard", "matplotlib"}
+TRAINING_MODULES = {"torch", "torchvision", "open_clip", "timm", "onnx", "onnxscript", "tensorboard", "matplotlib",
+                    "webdataset"}
 
 
 def build_parser() -> argparse.ArgumentParser:

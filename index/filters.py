@@ -186,8 +186,12 @@ def _tokenize(text: str) -> list[_Token]:
 def _number(text: str, pos: int, raw: str) -> int | float:
     if not any(ch in raw for ch in ".eE"):
         n = int(raw)
-        return n if INT64_MIN <= n <= INT64_MAX else float(n)
-    x = float(raw)
+        if INT64_MIN <= n <= INT64_MAX:
+            return n
+    try:
+        x = float(raw)
+    except OverflowError:  # an integer of 309+ digits
+        x = float("inf")
     if x in (float("inf"), float("-inf")):
         raise _error(text, pos, f"the number {raw} is out of range for a 64-bit float")
     return x

@@ -15,7 +15,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from tandem.v1 import tandem_pb2 as pb
-from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from index.manager import Collections
 
@@ -23,6 +22,7 @@ from . import metrics
 from .auth import TokenAuth, TokenStore, check_exposure, server_credentials
 from .collections import CollectionsService, observe
 from .config import ServerConfig, grpc_server_options
+from .errors import add_servicer
 from .registry import Registry
 from .service import Inference, Models
 
@@ -50,9 +50,11 @@ class TandemServer:
         self.server = grpc.aio.server(options=options, interceptors=[TokenAuth(self.tokens)] if self.tokens else [])
         inference = Inference(self.registry, config)
         self.collections_service = CollectionsService(self.registry, self.collections, config, inference)
-        pb_grpc.add_InferenceServicer_to_server(inference, self.server)
-        pb_grpc.add_ModelsServicer_to_server(Models(self.registry), self.server)
-        pb_grpc.add_CollectionsServicer_to_server(self.collections_service, self.server)
+        # Like pb_grpc.add_*Servicer_to_server, but request bytes that do not parse are INVALID_ARGUMENT.
+        services = pb.DESCRIPTOR.services_by_name
+        add_servicer(self.server, services["Inference"], inference)
+        add_servicer(self.server, services["Models"], Models(self.registry))
+        add_servicer(self.server, services["Collections"], self.collections_service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             reflection.enable_server_reflection(

@@ -54,8 +54,12 @@ class Batcher:
         max_queue_rows: int = 4096,
         labels: tuple[str, str] = ("model", "tower"),
         queue_timeout_us: int = 0,
+        company_coming: Callable[[int], bool] | None = None,
     ):
-        """queue_timeout_us: a request whose first rows have waited longer than this when a batch is formed
+        """company_coming(n): whether requests other than the n queued ones are on their way (being decoded or
+        tokenised, say). The worker waits up to max_queue_delay_us for company only while it says so; a lone
+        request runs at once. None: always wait (a fixed delay, as Triton's dynamic batcher).
+        queue_timeout_us: a request whose first rows have waited longer than this when a batch is formed
         fails with QueueExpired instead of running (Triton's queue policy, REJECT); 0 waits as long as it takes."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -64,6 +68,7 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_rows = max_queue_rows
         self.queue_timeout_s = queue_timeout_us / 1e6
+        self._company_coming = company_coming or (lambda n: True)
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._running: list[_Pending] = []  # requests with rows in the run in progress
@@ -186,9 +191,10 @@ class Batcher:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait for company, but never past the oldest request's deadline.
+            # Wait for company while some is coming, but never past the oldest request's deadline.
             deadline = self._queue[0].enqueued + self.max_queue_delay_s
-            while self._queued_rows < self.max_batch_size and (wait := deadline - time.perf_counter()) > 0:
+            while (self._queued_rows < self.max_batch_size and self._company_coming(len(self._queue))
+                   and (wait := deadline - time.perf_counter()) > 0):
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)

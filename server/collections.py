@@ -38,6 +38,7 @@ from .registry import LoadedModel, Registry
 from .service import Inference
 
 MAX_ID_CHARS = 256
+MAX_NORM = 1e15  # longest vector or weighted query accepted: float32 squares overflow past ~1.8e19
 # A search that is the only request in flight runs on the event loop, without the thread hop (~0.1 ms, more than
 # an IVF search), when the collection's recent searches took less than this; others queue for the batcher.
 INLINE_SEARCH_MAX_S = 0.002
@@ -188,6 +189,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             return invalid(f"{what} is {x.shape[0]} x {x.shape[1]}; this collection takes one row of dim {dim}")
         if not np.isfinite(x).all():
             return invalid(f"{what} has NaN or infinite values")
+        if not np.linalg.norm(x.astype(np.float64)) <= MAX_NORM:
+            return invalid(f"{what} has length {np.linalg.norm(x.astype(np.float64)):.3g}, over {MAX_NORM:g}: "
+                           "float32 scores of it would overflow; scale it down")
         return x[0].astype(np.float32)
 
     async def _embed(self, m: LoadedModel, texts: dict[int, str], images: dict[int, bytes], labels: dict[int, str]
@@ -250,6 +254,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 metadata[i] = canonical_json(json_format.MessageToDict(item.metadata), self.config.max_metadata_bytes)
             except MetadataError as e:
                 errors[i] = invalid(f"items[{i}] {e}")
+            except ValueError:  # protobuf refuses to read NaN or an infinity out of a Struct
+                errors[i] = invalid(f"items[{i}].metadata has a number that is NaN or infinite; metadata numbers "
+                                    "must be finite")
         vectors: dict[int, np.ndarray | ApiError] = {}
         texts, images = {}, {}
         for i, item in enumerate(items):
@@ -372,10 +379,15 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 if item_id not in stored:
                     raise not_found(f"{labels[key]}.id {item_id!r} is not stored in collection {c.spec.name!r}")
                 plain[key] = stored[item_id][1]
-        out = np.zeros((len(queries), c.spec.dim), np.float32)
+        out = np.zeros((len(queries), c.spec.dim), np.float64)
         for key, (qi, weight) in enumerate(flat):
             out[qi] += weight * c.prepare(plain[key][None])[0]
-        return out
+        norms = np.linalg.norm(out, axis=1)
+        for qi in np.flatnonzero(~(norms <= MAX_NORM)):
+            raise invalid(f"queries[{qi}]: its weighted sum of terms has length {norms[qi]:.3g}, over {MAX_NORM:g}: "
+                          "float32 scores would overflow; use smaller weights (for cosine and ip only their "
+                          "ratios matter)")
+        return out.astype(np.float32)
 
     def _results(self, c: Collection, scores: np.ndarray, rowids: np.ndarray, with_metadata: bool) -> np.ndarray:
         """One pb.QueryResult per query row (an object array), hits resolved to ids and metadata. Runs in a

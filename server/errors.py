@@ -12,9 +12,12 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 
 from . import metrics
 from .batcher import QueueExpired, QueueFull
@@ -94,3 +97,47 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
         return wrapped
 
     return wrap
+
+
+# -- request bodies that do not parse ---------------------------------------------------------------------
+@dataclass
+class Unparsable:
+    """What a request deserializer returns for bytes that are not the method's message (grpc.aio itself would
+    answer UNKNOWN and log an error)."""
+
+    message: str  # the expected message's full name
+    error: str
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:  # corrupt wire format, or invalid UTF-8 in a string field
+            return Unparsable(cls.DESCRIPTOR.full_name, str(e))
+
+    return parse
+
+
+def _guarded(method: str, handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> T:
+        if isinstance(request, Unparsable):
+            metrics.REQUESTS.labels(method, Code.INVALID_ARGUMENT.name).inc()
+            await context.abort(Code.INVALID_ARGUMENT, f"the request body is not a valid {request.message} "
+                                f"({request.error}); send it serialized by the tandem.v1 proto (proto/)")
+        return await handler(request, context)
+
+    return guarded
+
+
+def add_servicer(server: grpc.aio.Server, service: Any, servicer: Any) -> None:
+    """Register `servicer` for the proto `service` (a ServiceDescriptor) like the generated add_*_to_server,
+    except that request bytes which do not parse are INVALID_ARGUMENT with the parser's message."""
+    handlers = {}
+    for m in service.methods:
+        request, response = GetMessageClass(m.input_type), GetMessageClass(m.output_type)
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            _guarded(m.name, getattr(servicer, m.name)), request_deserializer=_parser(request),
+            response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -26,7 +26,7 @@ from bundle.zero_shot import LabelCache
 from . import metrics
 from .batcher import Batcher
 from .config import ServerConfig
-from .errors import ApiError, failed_precondition, not_found, unavailable
+from .errors import ApiError, failed_precondition, in_flight, not_found, unavailable
 from .runtime import Tower, choose_providers
 
 log = logging.getLogger("tandem.registry")
@@ -175,8 +175,11 @@ class Registry:
 
     def _batcher(self, tower: Tower, name: str, kind: str) -> Batcher:
         c = self.config
+        # Wait max_queue_delay_us for company only while more requests are in flight than are queued here:
+        # a lone request runs at once instead of waiting out the delay for nobody.
         return Batcher(tower, self.inference_pool, c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows,
-                       labels=(name, kind), queue_timeout_us=c.queue_timeout_ms * 1000)
+                       labels=(name, kind), queue_timeout_us=c.queue_timeout_ms * 1000,
+                       company_coming=lambda queued: in_flight() > queued)
 
     @staticmethod
     async def _warm_up(m: LoadedModel) -> None:

@@ -141,6 +141,14 @@ def cmd_bundle_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_sign(args: argparse.Namespace) -> int:
+    from bundle.signing import sign_bundle  # cryptography only: works in the serving install too
+
+    for path in args.paths:
+        print(f"wrote {sign_bundle(Path(path), Path(args.key))}")
+    return 0
+
+
 def cmd_architectures(args: argparse.Namespace) -> int:
     from .models import list_architectures
 
@@ -260,11 +268,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bundle",
                        description="upgrade: bring tandem-bundle/1 folders to the current format in place. A CLIP "
                        "bundle gains tokenizer.json (open_clip's vocabulary, the one it was exported with, so "
-                       "token ids do not change); the ONNX files are untouched.")
+                       "token ids do not change); the ONNX files are untouched. sign: write manifest.sig, an "
+                       "ed25519 signature of manifest.json, for servers started with --bundle-public-key "
+                       "(docs/models.md). Sign after upgrading: upgrade rewrites manifest.json.")
     bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     u = bsub.add_parser("upgrade", help="upgrade bundle folders in place")
     u.add_argument("paths", nargs="+", help="bundle folders, e.g. models/my-clip/1")
     u.set_defaults(func=cmd_bundle_upgrade)
+    sg = bsub.add_parser("sign", help="write manifest.sig: an ed25519 signature of manifest.json (docs/models.md)")
+    sg.add_argument("paths", nargs="+", help="bundle folders, e.g. models/my-clip/1")
+    sg.add_argument("--key", required=True, metavar="PRIVATE.pem",
+                    help="ed25519 private key in PEM (openssl genpkey -algorithm ed25519 -out PRIVATE.pem)")
+    sg.set_defaults(func=cmd_bundle_sign)
 
     p = sub.add_parser("architectures", description="list the open_clip architectures export and train know (offline)")
     p.set_defaults(func=cmd_architectures)

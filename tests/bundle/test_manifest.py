@@ -224,3 +224,13 @@ def test_a_key_file_that_is_not_an_ed25519_public_key_is_named(tmp_path) -> None
         load_public_key(private)
     with pytest.raises(BundleError, match="cannot read the public key"):
         load_public_key(tmp_path / "missing.pem")
+
+
+def test_tandem_bundle_sign_signs_with_the_key_given(tiny_repo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bundle.signing import load_public_key
+    from cli import main
+
+    private, public = _keys(tmp_path)
+    bundle = _copy(tiny_repo, tmp_path)
+    assert main(["bundle", "sign", str(bundle), "--key", str(private)]) == 0
+    assert load_bundle(bundle, public_key=load_public_key(public)).manifest.name == "tiny-image"

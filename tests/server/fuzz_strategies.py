@@ -61,10 +61,11 @@ LONG = Bounds(max_items=32, max_text_chars=4200, max_word_chars=9000, max_templa
 # The codes each method may answer, besides OK. INTERNAL and UNKNOWN mean the server failed, never the client.
 # RESOURCE_EXHAUSTED is a full queue, a message over max_message_bytes or a request over a cost budget.
 COMMON = frozenset({C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.RESOURCE_EXHAUSTED})
+UNPARSABLE = frozenset({C.INVALID_ARGUMENT})  # fieldless requests: only bytes that are no such message are wrong
 ALLOWED: dict[str, frozenset[grpc.StatusCode]] = {
     "EmbedText": COMMON, "EmbedImage": COMMON, "Classify": COMMON,
-    "ListModels": frozenset(), "GetModel": COMMON, "LoadModel": COMMON, "UnloadModel": COMMON,
-    "CreateCollection": COMMON | {C.ALREADY_EXISTS}, "ListCollections": frozenset(), "GetCollection": COMMON,
+    "ListModels": UNPARSABLE, "GetModel": COMMON, "LoadModel": COMMON, "UnloadModel": COMMON,
+    "CreateCollection": COMMON | {C.ALREADY_EXISTS}, "ListCollections": UNPARSABLE, "GetCollection": COMMON,
     "DropCollection": COMMON, "Upsert": COMMON, "Delete": COMMON, "Get": COMMON, "Search": COMMON, "Rebuild": COMMON,
 }
 SERVICE = {"EmbedText": "Inference", "EmbedImage": "Inference", "Classify": "Inference", "ListModels": "Models",
@@ -626,19 +627,9 @@ class KnownIssue:
         return code in self.codes and (self.fragment in details or self.fragment in log)
 
 
-KNOWN_ISSUES = (
-    # grpc.aio answers UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>: ..." (and logs an
-    # error) when the request bytes do not parse as the method's message, invalid UTF-8 in a string included.
-    KnownIssue("undecodable request is UNKNOWN", frozenset({C.UNKNOWN}), "DecodeError"),
-    # json_format.MessageToDict raises ValueError on a Struct number that is NaN or infinite (Upsert metadata).
-    KnownIssue("NaN or infinite metadata number is INTERNAL", frozenset({C.INTERNAL}), "Fail to serialize"),
-    # Pillow raises MemoryError from decoder.setimage for a PNG row over 256 MiB (16-bit RGBA, width >= 33,554,425:
-    # under the 40 MP pixel limit with height 1), before any pixel is read.
-    KnownIssue("very wide 16-bit PNG is INTERNAL (MemoryError)", frozenset({C.INTERNAL}), "MemoryError"),
-    # index/filters.py _number: float(n) raises OverflowError for an integer literal of more than 308 digits.
-    KnownIssue("filter with a 309-digit integer is INTERNAL", frozenset({C.INTERNAL}),
-               "int too large to convert to float"),
-)
+# Answers the fuzzer has found wrong and that are not fixed yet, counted apart in the long runs (each also gets a
+# strict-xfail case in tests/server/test_fuzz.py FOUND). The four found so far are fixed (docs/fuzzing.md).
+KNOWN_ISSUES: tuple[KnownIssue, ...] = ()
 
 
 def known_issue(code: grpc.StatusCode, details: str, log: str = "") -> KnownIssue | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from tandem.v1 import tandem_pb2 as pb
@@ -104,37 +105,30 @@ def upsert_with_metadata(value: float) -> pb.UpsertRequest:
     return pb.UpsertRequest(collection=COLLECTION, items=[item])
 
 
-def xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-# Failures the fuzzer found that are not fixed yet, each minimised: (method, raw request bytes or a message).
-# Strict xfails: a fix turns one into an XPASS that fails the run; then delete it here and its KNOWN_ISSUES
-# entry in fuzz_strategies.py (which counts these answers apart in the random runs meanwhile).
-KNOWN_FAILURES = [
-    pytest.param("EmbedText", b"\xff\xff\xff", id="undecodable-bytes",
-                 marks=xfail("bytes that do not parse as the request are UNKNOWN (grpc.aio), not INVALID_ARGUMENT")),
+# Failures the fuzzer found, each minimised: (method, raw request bytes or a message, the status now answered).
+# All fixed; kept as regression cases. A new finding goes here as a strict xfail until it is fixed.
+FOUND = [
+    pytest.param("EmbedText", b"\xff\xff\xff", "INVALID_ARGUMENT", id="undecodable-bytes"),
     pytest.param("Search", pb.SearchRequest(collection=COLLECTION).SerializeToString() + b"\x22\x02\xff\xfe",
-                 id="invalid-utf8-in-a-string", marks=xfail("a string field with invalid UTF-8 is UNKNOWN (grpc.aio)")),
-    pytest.param("Upsert", upsert_with_metadata(float("inf")), id="metadata-infinity",
-                 marks=xfail("metadata {'k': inf} is INTERNAL: json_format.MessageToDict raises ValueError")),
-    pytest.param("Upsert", upsert_with_metadata(float("nan")), id="metadata-nan",
-                 marks=xfail("metadata {'k': NaN} is INTERNAL: json_format.MessageToDict raises ValueError")),
+                 "INVALID_ARGUMENT", id="invalid-utf8-in-a-string"),
+    pytest.param("Upsert", upsert_with_metadata(float("inf")), "OK", id="metadata-infinity"),  # a per-item status
+    pytest.param("Upsert", upsert_with_metadata(float("nan")), "OK", id="metadata-nan"),
     pytest.param("EmbedImage", pb.EmbedImageRequest(images=[png_header_only(33_554_425, 1, 16, 6)]),
-                 id="png-33554425x1-16bit-rgba",
-                 marks=xfail("Pillow raises MemoryError (a 256 MiB row) for this 33.5 MP image: INTERNAL")),
+                 "INVALID_ARGUMENT", id="png-33554425x1-16bit-rgba"),
     pytest.param("Search", pb.SearchRequest(collection=COLLECTION, filter="n = 1" + "0" * 309,
                                             queries=[pb.Query(terms=[pb.QueryTerm(id="red")])]),
-                 id="search-filter-310-digit-integer",
-                 marks=xfail("a filter integer over float's range is INTERNAL: OverflowError in filters._number")),
+                 "INVALID_ARGUMENT", id="search-filter-310-digit-integer"),
     pytest.param("Delete", pb.DeleteRequest(collection=COLLECTION, filter="n < -1" + "0" * 309),
-                 id="delete-filter-310-digit-integer",
-                 marks=xfail("a filter integer over float's range is INTERNAL: OverflowError in filters._number")),
+                 "INVALID_ARGUMENT", id="delete-filter-310-digit-integer"),
+    pytest.param("Search", pb.SearchRequest(collection=COLLECTION, queries=[pb.Query(terms=[
+        pb.QueryTerm(vector=pb.Matrix(rows=1, dim=DIM, data=np.ones(DIM, "<f4").tobytes()), weight=1e38)] * 2)]),
+                 "INVALID_ARGUMENT", id="query-weights-overflow"),  # was OK with every score 0.0
 ]
 
 
-@pytest.mark.parametrize(("method", "request_"), KNOWN_FAILURES)
-def test_known_failure(fuzz: FuzzSession, method: str, request_: object) -> None:
+@pytest.mark.parametrize(("method", "request_", "code"), FOUND)
+def test_found_failures_stay_fixed(fuzz: FuzzSession, method: str, request_: object, code: str) -> None:
     outcome = fuzz.check_raw(method, request_) if isinstance(request_, bytes) else fuzz.check(method, request_)
-    assert outcome.known is None, f"{outcome.known}: {outcome.code.name} {outcome.details}"
-    assert not outcome.problems, report(outcome)
+    assert outcome.code.name == code and not outcome.problems, report(outcome)
+
+
