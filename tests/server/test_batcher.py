@@ -364,3 +364,23 @@ def test_requests_that_outwait_the_queue_timeout_fail_unrun_and_the_rest_run() -
             np.testing.assert_array_equal(await result(asyncio.create_task(b.submit(rows(4.0)))), doubled([4.0]))
 
     run(main)
+
+
+def test_a_lone_request_runs_at_once_when_no_company_is_coming() -> None:
+    """The server's batchers wait max_queue_delay only while more requests are in flight than queued
+    (server/registry.py): with none coming, even an endless delay does not hold a request back."""
+    async def main() -> None:
+        coming = {"more": False}
+        async with batcher(max_batch_size=8, max_queue_delay_us=FOREVER_US,
+                           company_coming=lambda queued: coming["more"]) as (model, b):
+            np.testing.assert_array_equal(await result(asyncio.create_task(b.submit(rows(1.0)))), doubled([1.0]))
+            coming["more"] = True  # now the worker waits for company: two requests share one run
+            first = asyncio.create_task(b.submit(rows(2.0)))
+            await turns()
+            assert model.batches == [[1.0]]  # still waiting
+            second = asyncio.create_task(b.submit(rows(3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))  # fills the batch
+            np.testing.assert_array_equal(await result(first), doubled([2.0]))
+            await result(second)
+            assert model.batches == [[1.0], [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]]
+
+    run(main)
