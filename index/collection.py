@@ -41,6 +41,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bundle.files import write_atomically
+
 from . import gpu
 from .store import Put, Store, Written, connect
 
@@ -96,25 +98,6 @@ def check_spec(dim: int, index_spec: str, metric: str) -> None:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "not understood"
         raise CollectionError(f"index_spec {index_spec!r} is not a FAISS index_factory string FAISS can build "
                               f"for dim {dim} ({first}); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'") from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """temp file, fsync, rename, fsync the folder: the file is either old or new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _auto_nlist(n: int) -> int:

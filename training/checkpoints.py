@@ -20,15 +20,9 @@ from typing import Any
 
 import torch
 
+from bundle.files import fsync_path
+
 LATEST = "latest.pt"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temporary(dest: Path) -> Path:
@@ -48,7 +42,7 @@ def atomic_save(state: dict[str, Any], dest: Path) -> None:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
+    fsync_path(dest.parent)
 
 
 def point_latest(step_file: Path) -> Path:
@@ -67,7 +61,7 @@ def point_latest(step_file: Path) -> Path:
         os.replace(tmp, latest)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(latest.parent)
+    fsync_path(latest.parent)
     return latest
 
 

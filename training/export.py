@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from bundle.files import fsync_path
 from bundle.manifest import FORMAT, ImageSpec, Manifest, TextSpec, load_bundle, sha256_of
 
 from .models import build_model, clip_bpe, clip_tokenizer, preprocess_config, read_checkpoint
@@ -300,11 +301,7 @@ def check_component(what: str, value: str) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def install_bundle(work: Path, dest: Path) -> None:
