@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, TandemError):
             print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+            if e.code.name == "UNAVAILABLE" and not getattr(args, "tls", False) and not getattr(args, "tls_ca", None):
+                print("hint: is the server up at that address, and does it use TLS? Then add --tls "
+                      "(or --tls-ca CA.pem); see docs/security.md", file=sys.stderr)
             return 1
         raise
 
