@@ -42,7 +42,8 @@ MAX_NORM = 1e15  # longest vector or weighted query accepted: float32 squares ov
 # A search that is the only request in flight runs on the event loop, without the thread hop (~0.1 ms, more than
 # an IVF search), when the collection's recent searches took less than this; others queue for the batcher.
 INLINE_SEARCH_MAX_S = 0.002
-METADATA_CACHE_BYTES = 16 << 20  # per collection: serialized metadata of recent hits (popular items come back often)
+METADATA_CACHE_BYTES = 4 << 20  # per collection: serialized metadata of recent hits (popular items come back often)
+ENTRY_OVERHEAD = 170  # bytes a cache entry costs besides its data: the OrderedDict node, the int key, the bytes header
 
 
 def _ref(m: LoadedModel) -> pb.ModelRef:
@@ -78,10 +79,10 @@ class MetadataCache:
         with self._lock:
             if rowid not in self._entries:
                 self._entries[rowid] = data
-                self.bytes += len(data) + 64  # the dict entry and the bytes object's header, roughly
+                self.bytes += len(data) + ENTRY_OVERHEAD
             while self.bytes > self.max_bytes and self._entries:
                 _, old = self._entries.popitem(last=False)
-                self.bytes -= len(old) + 64
+                self.bytes -= len(old) + ENTRY_OVERHEAD
         return data
 
 
