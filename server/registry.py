@@ -162,8 +162,8 @@ class Registry:
         towers = {}
         for tower, path in (("image", bundle.image_path), ("text", bundle.text_path)):
             if path is not None:
-                towers[tower] = Tower(path, self._providers, m.precision,
-                                      self.config.intra_op_threads, self.config.inter_op_threads)
+                towers[tower] = Tower(path, self._providers, m.precision, self.config.intra_op_threads,
+                                      self.config.inter_op_threads, spinning=self.config.ort_spinning)
         return LoadedModel(
             bundle=bundle,
             image=self._batcher(towers["image"], m.name, "image"),

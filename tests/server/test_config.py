@@ -71,3 +71,16 @@ def test_the_operations_guide_lists_every_setting_as_the_code_defines_it() -> No
     docs = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
     missing = [row for row in markdown_table().splitlines() if row not in docs]
     assert not missing, "docs/operations.md is out of date; regenerate its settings table:\n" + "\n".join(missing)
+
+
+def test_ort_spinning_reaches_the_onnx_runtime_sessions() -> None:
+    from pathlib import Path
+
+    from server.runtime import Tower
+
+    onnx = sorted((Path(__file__).parents[2] / "models").glob("*/*/image.onnx"))[0]
+    options = Tower(onnx, ["CPUExecutionProvider"], spinning=False).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    options = Tower(onnx, ["CPUExecutionProvider"], spinning=True).session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # left to ONNX Runtime's default
+        options.get_session_config_entry("session.intra_op.allow_spinning")
