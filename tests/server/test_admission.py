@@ -137,10 +137,13 @@ def test_a_full_preprocessing_queue_refuses_at_once(server, stub) -> None:  # ty
         before = counts("text")
         expect(lambda: stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD] * 2), timeout=30),
                C.RESOURCE_EXHAUSTED, "39 images and texts", "max_preprocess_items=40")
-        expect(lambda: stub.EmbedText(pb.EmbedTextRequest(texts=["a", "b"]), timeout=30),
+        long = "a red circle " * 20  # 260 characters: over INLINE_TOKENIZE_CHARS, tokenised in a thread
+        expect(lambda: stub.EmbedText(pb.EmbedTextRequest(texts=[long, long]), timeout=30),
                C.RESOURCE_EXHAUSTED, "max_preprocess_items=40")
         assert counts("text") == before
         assert stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD]), timeout=30).embeddings.rows == 1
+        # A short text is tokenised on the event loop: it needs no preprocessing place and is served.
+        assert stub.EmbedText(pb.EmbedTextRequest(texts=["a", "b"]), timeout=30).embeddings.rows == 2
     still_serving(stub)
 
 
