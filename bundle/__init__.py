@@ -4,6 +4,7 @@
     tokenizer  CLIP's BPE from the bundle's tokenizer.json, same ids as open_clip
     image      decode and preprocess images exactly as the model was trained
     files      crash-safe writes (fsync, atomic replace) for snapshots, checkpoints and bundles
+    captions   the caption index format (CSV or JSONL) of training data and `tandem index ingest`
     zero_shot  prompt templates, the label-embedding math of zero-shot classification, the label cache
     signing    ed25519 signatures of manifests (docs/models.md)
     external_data  the external-data files an ONNX model reads, for the manifest's hashes

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import io
 import json
 import logging
@@ -324,24 +323,9 @@ def _caption_key(image: str) -> str:
 def read_captions(path: Path) -> dict[str, list[str]]:
     """{image path relative to the ingested folder: its captions} from training's caption index format:
     a CSV with an `image,caption` header (more columns ignored) or JSONL lines {"image": ..., "caption": ...}."""
-    rows: list[tuple[str, str]] = []
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-                raise ValueError(f"{path}: the header must name columns 'image' and 'caption'")
-            rows = [(r["image"], r["caption"]) for r in reader]
-    elif path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        item = json.loads(line)
-                        rows.append((item["image"], item["caption"]))
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f'{path}:{n}: expected {{"image": ..., "caption": ...}} ({e})') from None
-    else:
-        raise ValueError(f"{path}: a caption index is a .csv (image,caption header) or a .jsonl file")
+    from bundle.captions import read_caption_rows
+
+    rows = read_caption_rows(path)
     out: dict[str, list[str]] = {}
     for image, caption in rows:
         captions = out.setdefault(_caption_key(image), [])

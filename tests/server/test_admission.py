@@ -22,6 +22,7 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from server.admission import ADMISSION_REJECTED, PREPROCESS_ITEMS
 from tests.conftest import RunningServer, png_bytes, start_server
+from tests.server.test_bad_input import expect
 
 GOOD = png_bytes(Image.new("RGB", (40, 30), (200, 30, 30)))
 C = grpc.StatusCode
@@ -96,14 +97,6 @@ def blocked_preprocessing(server: RunningServer) -> Iterator[None]:
         yield
     finally:
         gate.set()
-
-
-def expect(call, code: grpc.StatusCode, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    for f in fragments:
-        assert f in info.value.details(), info.value.details()
 
 
 def still_serving(stub: pb_grpc.InferenceStub) -> None:

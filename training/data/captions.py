@@ -12,8 +12,6 @@ decode yields None (logged), which the trainer skips and counts.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from bundle.captions import read_caption_rows
 from bundle.image import ImageInputError, load_image
 
 from . import procedural
@@ -37,22 +36,10 @@ def read_index(folder: Path) -> list[tuple[Path, str]]:
     """(image path, caption) rows from captions.csv or captions.jsonl in `folder`."""
     folder = Path(folder)
     csv_path, jsonl_path = folder / "captions.csv", folder / "captions.jsonl"
-    rows: list[tuple[str, str]] = []
     if csv_path.is_file():
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-                raise ValueError(f"{csv_path}: the header must name columns 'image' and 'caption'")
-            rows = [(r["image"], r["caption"]) for r in reader]
+        rows = read_caption_rows(csv_path)
     elif jsonl_path.is_file():
-        with open(jsonl_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        item = json.loads(line)
-                        rows.append((item["image"], item["caption"]))
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{jsonl_path}:{n}: expected {{\"image\": ..., \"caption\": ...}} ({e})") from None
+        rows = read_caption_rows(jsonl_path)
     else:
         raise FileNotFoundError(f"{folder} has neither captions.csv nor captions.jsonl")
     if not rows:
