@@ -3,6 +3,7 @@ scored by frozen-feature kNN and linear probe against the random-init backbone e
 
     python benchmarks/ssl_methods.py                                   # every method, 3 seeds, test split
     python benchmarks/ssl_methods.py --methods simsiam --split val --lr-scale 0.5    # choosing a setting
+    python benchmarks/ssl_methods.py --methods byol --split val --optimizer lars     # choosing an optimiser
     python benchmarks/ssl_methods.py --methods simclr --seeds 0 --steps 200          # a quick pilot
 
 Honest evaluation. Settings are chosen on the **val** split (`--split val`);
@@ -106,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default image_size // 8)")
     p.add_argument("--steps", type=int, help="default: each method's config")
     p.add_argument("--batch-size", type=int, help="default: each method's config")
+    p.add_argument("--optimizer", help="default: each method's config (adamw | sgd | lars; brings its lr and wd)")
+    p.add_argument("--lr", type=float, help="peak learning rate of every method (default: its optimiser's)")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every method's default learning rate")
     p.add_argument("--min-crop-scale", type=float, default=0.5,
                    help="lower bound of the crop scale (papers: 0.08/0.2); small shapes vanish from small crops")
@@ -120,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def method_config(name: str, seed: int, args: argparse.Namespace) -> SSLConfig:
     backbone = args.vit_backbone if ssl_class(name).needs_vit else args.backbone
-    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("optimizer", args.optimizer), ("lr", args.lr)) if v is not None}
     config = ssl_config(name, backbone=backbone, image_size=args.image_size, patch_size=args.patch_size,
                         train_size=args.train_size, min_crop_scale=args.min_crop_scale, seed=seed, **overrides)
     return replace(config, lr=config.peak_lr * args.lr_scale)

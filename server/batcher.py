@@ -4,10 +4,13 @@ One Batcher serves one (model, tower). Callers ``await batcher.submit(x)``
 with x of shape [n, ...]; a worker task takes the oldest pending requests,
 waits at most ``max_queue_delay_us`` for more to arrive, and runs up to
 ``max_batch_size`` rows at once in a thread (ONNX Runtime releases the GIL).
-Each caller gets back exactly its own rows. A request larger than the batch
-limit is split into several runs. The queue holds at most ``max_queue_rows``
-rows; past that ``submit`` raises QueueFull at once instead of letting
-latency grow without bound.
+Up to ``runners`` runs are in progress at once: while one runs, the worker
+forms and starts the next (double-buffering), so a small model with one
+thread per run keeps every core busy without intra-op synchronisation.
+Each caller gets back exactly its own rows, in order. A request larger than
+the batch limit is split into several runs. The queue holds at most
+``max_queue_rows`` rows; past that ``submit`` raises QueueFull at once
+instead of letting latency grow without bound.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class _Pending:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
     enqueued: float = field(default_factory=time.perf_counter)
-    done_rows: list[np.ndarray] = field(default_factory=list)
+    done_rows: dict[int, np.ndarray] = field(default_factory=dict)  # start row -> output rows (runs end in any order)
+    done: int = 0  # rows whose output is in done_rows
     offset: int = 0  # rows already taken into a batch
 
 
@@ -55,14 +59,20 @@ class Batcher:
         labels: tuple[str, str] = ("model", "tower"),
         queue_timeout_us: int = 0,
         company_coming: Callable[[int], bool] | None = None,
+        runners: int = 1,
     ):
-        """company_coming(n): whether requests other than the n queued ones are on their way (being decoded or
-        tokenised, say). The worker waits up to max_queue_delay_us for company only while it says so; a lone
-        request runs at once. None: always wait (a fixed delay, as Triton's dynamic batcher).
+        """company_coming(n): whether requests other than the n this batcher holds (queued or running) are on
+        their way (being decoded or tokenised, say). The worker waits up to max_queue_delay_us for company only
+        while it says so and no run is in progress; a lone request runs at once. None: always wait (a fixed
+        delay, as Triton's dynamic batcher).
+        runners: most runs in progress at once (each in its own executor thread).
         queue_timeout_us: a request whose first rows have waited longer than this when a batch is formed
         fails with QueueExpired instead of running (Triton's queue policy, REJECT); 0 waits as long as it takes."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if runners < 1:
+            raise ValueError("runners must be >= 1")
+        self.runners = runners
         self._run, self._executor = run, executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_us / 1e6
@@ -71,7 +81,8 @@ class Batcher:
         self._company_coming = company_coming or (lambda n: True)
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._running: list[_Pending] = []  # requests with rows in the run in progress
+        self._runs: dict[asyncio.Future[np.ndarray], list[tuple[_Pending, int, int]]] = {}  # run -> its slices
+        self._held = 0  # requests queued or with rows in a run, not yet answered
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._labels = labels
@@ -92,10 +103,11 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for p in (*self._running, *self._queue):  # a request in the cancelled run would wait forever
+        running = [p for taken in self._runs.values() for p, _, _ in taken]
+        for p in (*running, *self._queue):  # a request in a cancelled run would wait forever
             if not p.future.done():
                 p.future.set_exception(RuntimeError("server is shutting down"))
-        self._running = []
+        self._runs.clear()
         self._queue.clear()
         self._queued_rows = 0
         metrics.QUEUE_ROWS.labels(*self._labels).set(0)
@@ -117,7 +129,7 @@ class Batcher:
     @property
     def idle(self) -> bool:
         """Nothing queued and no run in progress."""
-        return not self._queue and not self._running
+        return not self._queue and not self._runs
 
     def run_inline(self, rows: np.ndarray) -> np.ndarray:
         """Run `rows` at once in the calling thread (the event loop), skipping the queue and the thread hop.
@@ -143,6 +155,7 @@ class Batcher:
         pending = _Pending(rows, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._queued_rows += n
+        self._held += 1
         metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
         self._wakeup.set()
         try:
@@ -154,6 +167,8 @@ class Batcher:
                 self._queued_rows -= n - pending.offset
                 metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
             raise
+        finally:
+            self._held -= 1
 
     def _expire(self) -> None:
         """Fail the queued requests that waited past the queue timeout (none of their rows has run)."""
@@ -188,23 +203,27 @@ class Batcher:
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queue or len(self._runs) >= self.runners:
                 self._wakeup.clear()
-                await self._wakeup.wait()
-            # Wait for company while some is coming, but never past the oldest request's deadline.
-            deadline = self._queue[0].enqueued + self.max_queue_delay_s
-            while (self._queued_rows < self.max_batch_size and self._company_coming(len(self._queue))
-                   and (wait := deadline - time.perf_counter()) > 0):
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
-                except TimeoutError:
-                    break
-            taken = self._take_batch()
-            if not taken:  # nothing queued, or all of it expired
-                metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
+                await self._wakeup.wait()  # a submit, or the end of a run
                 continue
+            if not self._runs:
+                # Idle: wait for company while some is coming, but never past the oldest request's deadline.
+                # With a run in progress the next batch starts at once: it fills while the other runs.
+                deadline = self._queue[0].enqueued + self.max_queue_delay_s
+                while (self._queue and self._queued_rows < self.max_batch_size and not self._runs
+                       and self._company_coming(self._held) and (wait := deadline - time.perf_counter()) > 0):
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    except TimeoutError:
+                        break
+                if len(self._runs) >= self.runners:
+                    continue
+            taken = self._take_batch()
             metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
+            if not taken:  # nothing queued, or all of it expired
+                continue
             now = time.perf_counter()
             for p, start, _ in taken:
                 if start == 0:
@@ -213,26 +232,38 @@ class Batcher:
                 taken[0][1] : taken[0][2]
             ]
             metrics.BATCH_SIZE.labels(*self._labels).observe(len(batch))
-            started = time.perf_counter()
-            self._running = [p for p, _, _ in taken]
-            try:
-                out = await loop.run_in_executor(self._executor, self._run, batch)
-            except Exception as e:  # a failed run fails its requests, not the worker
-                self._running = []
-                for p, _, _ in taken:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                    if p in self._queue:  # rest of a split request: drop it, it has failed
-                        self._queue.remove(p)
-                        self._queued_rows -= len(p.rows) - p.offset
-                metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
-                continue
-            self._running = []
-            self._ran(time.perf_counter() - started)
-            cursor = 0
-            for p, a, b in taken:
-                p.done_rows.append(out[cursor : cursor + b - a])
-                cursor += b - a
-                if b == len(p.rows) and not p.future.done():
-                    parts = p.done_rows
-                    p.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            run = loop.run_in_executor(self._executor, self._timed_run, batch)
+            self._runs[run] = taken
+            run.add_done_callback(self._finished)
+
+    def _timed_run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        out = self._run(batch)
+        return out, time.perf_counter() - started
+
+    def _finished(self, run: asyncio.Future[tuple[np.ndarray, float]]) -> None:
+        """A run ended (on the event loop): hand each request its rows, or the run's error."""
+        taken = self._runs.pop(run, None)  # type: ignore[call-overload]
+        self._wakeup.set()  # a runner is free
+        if taken is None or run.cancelled():  # stop() already failed its requests
+            return
+        error = run.exception()
+        if error is not None:  # a failed run fails its requests, not the worker
+            for p, _, _ in taken:
+                if not p.future.done():
+                    p.future.set_exception(error)
+                if p in self._queue:  # rest of a split request: drop it, it has failed
+                    self._queue.remove(p)
+                    self._queued_rows -= len(p.rows) - p.offset
+            metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
+            return
+        out, seconds = run.result()
+        self._ran(seconds)
+        cursor = 0
+        for p, a, b in taken:
+            p.done_rows[a] = out[cursor : cursor + b - a]
+            p.done += b - a
+            cursor += b - a
+            if p.done == len(p.rows) and not p.future.done():
+                parts = [p.done_rows[k] for k in sorted(p.done_rows)]
+                p.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))

@@ -131,6 +131,12 @@ def parse_concurrency(text: str) -> list[int]:
     return levels
 
 
+def parse_connections(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--connections must be at least 1, got {text!r}")
+    return int(text)
+
+
 def parse_server(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -220,10 +226,11 @@ def machine_busy_s() -> float | None:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is counted in user already
 
 
-async def run_load(calls: Calls, plan: Plan, concurrency: int, seconds: float, timeout_s: float,
+async def run_load(calls: Calls | list[Calls], plan: Plan, concurrency: int, seconds: float, timeout_s: float,
                    rng: random.Random) -> Load:
     """`concurrency` closed-loop clients, each sending its next request as soon as the last one is answered,
-    until `seconds` have passed; requests in flight then are waited for and counted."""
+    until `seconds` have passed; requests in flight then are waited for and counted. With a list of Calls
+    (one per connection), client i sends on connection i mod len(calls)."""
     import grpc
 
     kinds, weights = list(plan.mix), list(plan.mix.values())
@@ -232,14 +239,17 @@ async def run_load(calls: Calls, plan: Plan, concurrency: int, seconds: float, t
     clock = time.perf_counter
     stop_at = clock() + seconds
 
-    async def client(seed: int) -> None:
+    per_connection = calls if isinstance(calls, list) else [calls]
+
+    async def client(i: int, seed: int) -> None:
+        by_kind = per_connection[i % len(per_connection)].by_kind
         r = random.Random(seed)
         while clock() < stop_at:
             kind = r.choices(kinds, weights)[0] if len(kinds) > 1 else kinds[0]
             request = r.choice(plan.requests[kind])
             started = clock()
             try:
-                await calls.by_kind[kind](request, timeout=timeout_s)
+                await by_kind[kind](request, timeout=timeout_s)
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
@@ -247,7 +257,7 @@ async def run_load(calls: Calls, plan: Plan, concurrency: int, seconds: float, t
             samples.append((kind, clock() - started, code))
 
     started, cpu, busy = clock(), time.process_time(), machine_busy_s()
-    await asyncio.gather(*(client(rng.getrandbits(32)) for _ in range(concurrency)))
+    await asyncio.gather(*(client(i, rng.getrandbits(32)) for i in range(concurrency)))
     busy_after = machine_busy_s()
     return Load(samples, clock() - started, messages, time.process_time() - cpu,
                 busy_after - busy if busy is not None and busy_after is not None else None)
@@ -537,7 +547,11 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
     import grpc
     from tqdm import tqdm
 
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 256 << 20),
+               ("grpc.use_local_subchannel_pool", 1)]  # each channel its own TCP connection
+    # The extra connections: SO_REUSEPORT server processes (tandem serve --workers) and load balancers spread
+    # connections, not requests.
+    extra = [grpc.aio.insecure_channel(args.server, options=options) for _ in range(args.connections - 1)]
     async with grpc.aio.insecure_channel(args.server, options=options) as channel:
         model = await _connect(args, channel)
         name = f"{model.model.name}/{model.model.version}"
@@ -545,8 +559,9 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
                            "dim": model.dim, "image_size": model.image_size, "precision": model.precision,
                            "execution_provider": model.execution_provider}
         plan = build_plan(args.mix, args.items, model, args.collection or "", args.image_size, args.seed)
-        calls = make_calls(channel)
-        await _probe(calls, plan, args.timeout)
+        calls = [make_calls(channel)] + [make_calls(c) for c in extra]
+        for c in calls:
+            await _probe(c, plan, args.timeout)
 
         towers = sorted(tower_shares(args.mix))
         if not args.no_raw:
@@ -585,6 +600,8 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 raise BenchError(f"the server at {args.server} stopped answering: "
                                  f"{step['error_messages']['UNAVAILABLE']}")
         bar.close()
+    for c in extra:
+        await c.close()
 
 
 def step_line(step: dict[str, Any]) -> str:
@@ -808,6 +825,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--mix", type=parse_mix, default=parse_mix("text"), metavar="KIND=W,...",
                    help="request kinds and their weights, e.g. text=3,image=1 (default text; kinds below)")
     g.add_argument("--items", type=int, default=1, metavar="N", help="items (texts, images, queries) per request (default 1)")
+    g.add_argument("--connections", type=parse_connections, default=1, metavar="N",
+                   help="gRPC connections the clients are spread over (default 1: one channel, as one client app "
+                   "has); several server processes on one port (tandem serve --workers) need several")
     g.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured seconds per step (default 10)")
     g.add_argument("--warmup", type=float, default=2.0, metavar="S",
                    help="seconds of load before each step's measurement, not counted (default 2)")

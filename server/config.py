@@ -44,7 +44,10 @@ class ServerConfig:
                                      "(logs a warning); off, the server refuses to start that way")
     device: str = _f("auto", "where models run (ONNX Runtime) and collections search (FAISS): auto (the GPU when "
                      "available: onnxruntime-gpu, faiss-gpu), cpu or cuda")
-    intra_op_threads: int = _f(0, "threads per ONNX Runtime run (0: ONNX Runtime's default, all cores)")
+    model_runners: int = _f(1, "ONNX Runtime runs in progress at once per model and tower: above 1, the next batch "
+                            "forms and starts while one runs (on 2 CPU cores 1 measured faster: docs/benchmarks.md)")
+    intra_op_threads: int = _f(0, "threads per ONNX Runtime run (0: the CPUs this process may use, container CPU "
+                               "limit included, divided among model_runners)")
     inter_op_threads: int = _f(1, "ONNX Runtime inter-op threads")
     ort_spinning: bool = _f(False, "let ONNX Runtime's threads spin-wait between runs (its own default): a lone "
                             "request is ~0.4 ms faster, but under load the spinning takes the CPU that decoding, "
@@ -169,6 +172,12 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
                          + ("tls_cert" if config.tls_cert else "tls_key"))
     if config.tls_client_ca and not config.tls_cert:
         raise ValueError("tls_client_ca (mTLS) needs TLS on: set tls_cert and tls_key too")
+    for name in ("model_runners", "max_batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.intra_op_threads < 0:
+        raise ValueError(f"intra_op_threads must be 0 (the cores shared by model_runners) or more, "
+                         f"got {config.intra_op_threads}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
     if config.max_items_per_request > config.max_queue_rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from . import metrics
 from .batcher import Batcher
 from .config import ServerConfig
 from .errors import ApiError, failed_precondition, in_flight, not_found, unavailable
-from .runtime import Tower, choose_providers
+from .runtime import Tower, choose_providers, usable_cores
 
 log = logging.getLogger("tandem.registry")
 T = TypeVar("T")
@@ -126,7 +127,8 @@ class Registry:
         self.ready = False  # the start-up load is over
         self.health: Any = None  # a grpc_health HealthServicer: per-bundle statuses go there when set
         self.public_key = load_public_key(Path(config.bundle_public_key)) if config.bundle_public_key else None
-        self.inference_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ort")
+        # Threads start as needed: up to model_runners per model and tower run at once.
+        self.inference_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ort")
         self.preprocess_pool = ThreadPoolExecutor(max_workers=config.preprocess_threads, thread_name_prefix="pre")
         self._providers: list[str] | None = None
         self._lock = asyncio.Lock()
@@ -162,7 +164,7 @@ class Registry:
         towers = {}
         for tower, path in (("image", bundle.image_path), ("text", bundle.text_path)):
             if path is not None:
-                towers[tower] = Tower(path, self._providers, m.precision, self.config.intra_op_threads,
+                towers[tower] = Tower(path, self._providers, m.precision, self.intra_op_threads,
                                       self.config.inter_op_threads, spinning=self.config.ort_spinning)
         return LoadedModel(
             bundle=bundle,
@@ -173,13 +175,24 @@ class Registry:
             labels=LabelCache(self.config.label_cache_bytes, self.config.label_cache_size),
         )
 
+    @property
+    def intra_op_threads(self) -> int:
+        """Threads per ONNX Runtime run: as configured, or the CPUs this process may use shared by the runners
+        (0, ONNX Runtime's own default of all physical cores, when that is one runner on an unrestricted machine)."""
+        if self.config.intra_op_threads:
+            return self.config.intra_op_threads
+        cores = usable_cores()
+        if self.config.model_runners == 1 and cores == os.cpu_count():
+            return 0
+        return max(1, cores // self.config.model_runners)
+
     def _batcher(self, tower: Tower, name: str, kind: str) -> Batcher:
         c = self.config
         # Wait max_queue_delay_us for company only while more requests are in flight than are queued here:
         # a lone request runs at once instead of waiting out the delay for nobody.
         return Batcher(tower, self.inference_pool, c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows,
                        labels=(name, kind), queue_timeout_us=c.queue_timeout_ms * 1000,
-                       company_coming=lambda queued: in_flight() > queued)
+                       company_coming=lambda held: in_flight() > held, runners=c.model_runners)
 
     @staticmethod
     async def _warm_up(m: LoadedModel) -> None:

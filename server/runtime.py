@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,19 @@ def choose_providers(device: str) -> list[str]:
             f"(available: {available}); install the '.[gpu]' extra or use device=auto"
         )
     return ["CPUExecutionProvider"]
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's CPU limit,
+    which os.cpu_count() and ONNX Runtime's default thread count do not see)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 class Tower:

@@ -102,3 +102,29 @@ def test_only_the_words_that_reach_the_window_go_to_the_merges(ours) -> None:  #
     assert cut and len(one) == 1 and len(one[0]) == (76 + CUT_MARGIN_TOKENS) * ours.longest_token
     short = "a photo of a dog."
     assert ours.window(clean(short)) == (WORDS.findall(clean(short)), False)
+
+
+# ASCII text skips ftfy and HTML unescaping unless it has a control character or "&" (bundle.tokenizer.clean):
+# every ASCII character, runs of the ones that matter, and the entities.
+ASCII_TEXT = st.lists(st.one_of(st.characters(max_codepoint=127), st.sampled_from(
+    ["&amp;", "&lt;", "&#39;", "\r\n", "\x1b[31m", "\x00", "\x0c", "\x7f", "  ", "<end_of_text>", "'S"])),
+    max_size=30).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(ASCII_TEXT, min_size=1, max_size=4))
+def test_ascii_fast_path_ids_equal_open_clip(reference, ours, texts: list[str]) -> None:  # type: ignore[no-untyped-def]
+    ids, _ = ours.encode_batch(texts)
+    assert ids.tolist() == open_clip_ids(reference, texts, 77).tolist()
+
+
+def test_repeated_words_come_from_the_word_cache_and_keep_their_ids(ours) -> None:  # type: ignore[no-untyped-def]
+    text = "a photo of a large red circle"
+    first, _ = ours.encode_batch([text])
+    assert {"photo", "circle"} <= set(ours._word_ids)  # the words were kept ...
+    ours._word_ids["circle"] = [ours.eot]  # ... and are read from there: a planted entry shows up
+    planted, _ = ours.encode_batch([text])
+    assert planted[0].tolist().count(ours.eot) == 2
+    ours._word_ids.clear()
+    again, _ = ours.encode_batch([text])
+    assert again.tolist() == first.tolist()

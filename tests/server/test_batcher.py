@@ -384,3 +384,69 @@ def test_a_lone_request_runs_at_once_when_no_company_is_coming() -> None:
             assert model.batches == [[1.0], [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]]
 
     run(main)
+
+
+class Gated:
+    """A stand-in model whose runs are released one by one, in any order: release(v) lets the run whose
+    first row's value is v return."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._started: asyncio.Queue[float] = asyncio.Queue()
+        self._gates: dict[float, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def _gate(self, v: float) -> threading.Event:
+        with self._lock:
+            return self._gates.setdefault(v, threading.Event())
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        first = float(batch[0, 0])
+        self._loop.call_soon_threadsafe(self._started.put_nowait, first)
+        if not self._gate(first).wait(GUARD_S):
+            raise RuntimeError("the test never released this run")
+        return batch[:, :1] * 2
+
+    async def started(self) -> float:
+        return await asyncio.wait_for(self._started.get(), GUARD_S)
+
+    def release(self, v: float) -> None:
+        self._gate(v).set()
+
+    def release_all(self) -> None:
+        with self._lock:
+            for gate in self._gates.values():
+                gate.set()
+
+
+def test_with_two_runners_the_next_batch_runs_while_one_is_in_progress_and_rows_come_back_in_order() -> None:
+    async def main() -> None:
+        model, pool = Gated(), ThreadPoolExecutor(2)
+        b = Batcher(model, pool, max_batch_size=4, max_queue_delay_us=0, runners=2)
+        try:
+            split = asyncio.create_task(b.submit(rows(*span(0, 6))))  # runs [0..3] and [4, 5]
+            assert {await model.started(), await model.started()} == {0.0, 4.0}  # both in progress at once
+            third = asyncio.create_task(b.submit(rows(100.0)))
+            await until(lambda: b.queued_rows == 1, "the third request queued")
+            await turns()
+            assert b.queued_rows == 1  # two runners, both busy: it waits for one
+            model.release(4.0)  # the later run ends first
+            assert await model.started() == 100.0  # its runner took the queued request
+            await turns()
+            assert not split.done()  # half of its rows are back, not all
+            model.release(0.0)
+            np.testing.assert_array_equal(await result(split), doubled(span(0, 6)))  # in order nonetheless
+            model.release(100.0)
+            np.testing.assert_array_equal(await result(third), doubled([100.0]))
+            assert b.idle
+        finally:
+            model.release_all()
+            await b.stop()
+            pool.shutdown(wait=True)
+
+    run(main)
+
+
+def test_runners_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="runners"):
+        Batcher(lambda x: x, ThreadPoolExecutor(1), runners=0)

@@ -76,7 +76,7 @@ def test_search_requests_go_to_the_collection_and_its_batcher(default_server, me
     out = tmp_path / "bench.json"
     args = parse("--server", default_server.target, "--metrics-url", metrics_url, "--no-raw", "--concurrency", "2",
                  "--duration", "0.5", "--warmup", "0", "--mix", "search", "--collection", "bench-shapes",
-                 "--items", "2", "--json", str(out))
+                 "--items", "2", "--connections", "2", "--json", str(out))  # clients spread over 2 connections
     assert bench.main(args) == 0
     step = json.loads(out.read_text())["steps"][0]
     assert step["errors"] == {} and step["by_kind"]["search"]["items"] == step["items"] > 0
@@ -100,6 +100,7 @@ def test_no_server_at_the_address_is_a_readable_error(capsys: pytest.CaptureFixt
     (["--mix", "text=1,video=2"], "unknown request kind 'video'"),
     (["--mix", "text=0"], "no kind a weight above 0"),
     (["--concurrency", "1,0"], "numbers >= 1"),
+    (["--connections", "0"], "--connections must be at least 1"),
 ])
 def test_bad_options_say_what_to_give(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:

@@ -84,3 +84,24 @@ def test_ort_spinning_reaches_the_onnx_runtime_sessions() -> None:
     options = Tower(onnx, ["CPUExecutionProvider"], spinning=True).session.get_session_options()
     with pytest.raises(RuntimeError, match="does not have configuration"):  # left to ONNX Runtime's default
         options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_usable_cores_follows_the_container_cpu_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from server.runtime import usable_cores
+
+    mine = usable_cores(tmp_path / "absent")  # no cgroup file: the affinity mask
+    assert mine >= 1
+    limit = tmp_path / "cpu.max"
+    limit.write_text("150000 100000\n")  # 1.5 CPUs: rounded up, never above the machine
+    assert usable_cores(limit) == min(mine, 2)
+    limit.write_text("20000 100000\n")  # a fifth of a CPU: still one thread
+    assert usable_cores(limit) == 1
+    limit.write_text("max 100000\n")
+    assert usable_cores(limit) == mine
+
+
+def test_model_runners_and_threads_are_checked() -> None:
+    with pytest.raises(ValueError, match="model_runners must be at least 1"):
+        cfg.load(None, {"TANDEM_MODEL_RUNNERS": "0"})
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        cfg.load(None, {"TANDEM_INTRA_OP_THREADS": "-1"})
