@@ -7,6 +7,7 @@ collections larger than one machine) would implement the same methods.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -34,10 +35,33 @@ class Collections:
         self.snapshot_every, self.device = snapshot_every, device
         self._by_name: dict[str, Collection] = {}
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the open, flock()ed lock file while this process owns the folder
+
+    def claim(self) -> None:
+        """Take the data folder for this process alone (an exclusive flock on <data_dir>/.tandem.lock, released
+        by the kernel however the process ends). A second server on the same folder would index only its own
+        writes, snapshot sequence numbers that include the other's and delete its half-made collections."""
+        if self._owner is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root.parent / ".tandem.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"data_dir {self.root.parent} is in use by another Tandem server (pid {holder}): two "
+                               "servers must not share one. Stop the other one, or give this one its own --data-dir"
+                               ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._owner = fd
 
     def load(self) -> None:
         """Open every collection on disk (recovering each index); leftovers of interrupted creates and drops go."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self._owner is None:
+            self.claim()
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith("."):  # .creating-* / .dropped-*: never acknowledged, or already dropped
                 shutil.rmtree(folder, ignore_errors=True)
@@ -85,6 +109,9 @@ class Collections:
         for c in self.all():
             c.close()
         self._by_name.clear()
+        if self._owner is not None:
+            os.close(self._owner)  # releases the flock
+            self._owner = None
 
 
 __all__ = ["Collections", "CollectionNotFound", "CollectionExists", "CollectionError", "Spec"]

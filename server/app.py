@@ -65,12 +65,16 @@ class TandemServer:
                 self.server,
             )
         address = f"{config.host}:{config.port}"
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not listen on {config.host}:{config.port} (in use?)")
+            raise RuntimeError(f"could not listen on {address}: the port is in use (another server?) or the address "
+                               "is not this machine's; choose another with --port or --host")
 
     def reload_tokens(self) -> None:
         """Read tokens_file again (SIGHUP); requests also notice a changed file within a second."""
@@ -85,12 +89,13 @@ class TandemServer:
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.collections.claim)  # before anything listens or loads
         await self.server.start()
         c = self.config
         access = ("mTLS" if c.tls_client_ca else "TLS" if c.tls_cert else "plaintext") + (
             ", tokens" if self.tokens else ", no tokens")
         log.info("listening on %s:%d, %s (NOT_SERVING until models are warm)", c.host, self.port, access)
-        loop = asyncio.get_running_loop()
         await self.registry.start()
         await loop.run_in_executor(None, self.collections.load)
         self._collections_open = True

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KINDS = ("text", "image", "classify", "search")
-TOWER = {"text": "text", "image": "image", "classify": "image", "search": "text"}  # the tower that embeds the items
-METHOD = {"text": "EmbedText", "image": "EmbedImage", "classify": "Classify", "search": "Search"}
+KINDS = ("text", "image", "classify", "search", "health")
+# The tower that embeds the items (health: none, it is the empty call that shows the floor of one gRPC request).
+TOWER = {"text": "text", "image": "image", "classify": "image", "search": "text", "health": None}
+METHOD = {"text": "EmbedText", "image": "EmbedImage", "classify": "Classify", "search": "Search",
+          "health": "grpc.health.v1.Health/Check"}
 STAGES = ("decode", "preprocess", "tokenize", "queue", "inference")
 DEFAULT_CONCURRENCY = "1,4,16,32"
 
@@ -179,6 +181,10 @@ def build_plan(mix: dict[str, float], items: int, model: Any, collection: str, i
         elif kind == "classify":
             reqs = [pb.ClassifyRequest(model=name, version=version, images=some_images(), labels=LABELS, top_k=1)
                     for _ in range(IMAGE_POOL)]
+        elif kind == "health":
+            from grpc_health.v1 import health_pb2
+
+            reqs = [health_pb2.HealthCheckRequest()]
         else:
             reqs = [pb.SearchRequest(collection=collection, top_k=10, without_metadata=True,
                                      queries=[pb.Query(terms=[pb.QueryTerm(text=t)]) for t in some_texts()])
@@ -199,9 +205,11 @@ class Calls:
 def make_calls(channel: Any) -> Calls:
     from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
+    from grpc_health.v1 import health_pb2_grpc
+
     inference, collections = pb_grpc.InferenceStub(channel), pb_grpc.CollectionsStub(channel)
     return Calls({"text": inference.EmbedText, "image": inference.EmbedImage, "classify": inference.Classify,
-                  "search": collections.Search})
+                  "search": collections.Search, "health": health_pb2_grpc.HealthStub(channel).Check})
 
 
 @dataclass
@@ -279,17 +287,18 @@ def summarise(load: Load, items_per_request: int) -> dict[str, Any]:
     by_kind = {}
     for kind in sorted({k for k, _ in ok}):
         lat = [s for k, s in ok if k == kind]
-        by_kind[kind] = {"requests": len(lat), "items": len(lat) * items_per_request,
-                         "items_per_s": len(lat) * items_per_request / load.elapsed_s, "latency_ms": percentiles_ms(lat)}
+        per = 1 if kind == "health" else items_per_request  # a health check has no items: one a request
+        by_kind[kind] = {"requests": len(lat), "items": len(lat) * per,
+                         "items_per_s": len(lat) * per / load.elapsed_s, "latency_ms": percentiles_ms(lat)}
     errors = Counter(code for _, _, code in load.samples if code != "OK")
     return {
         "elapsed_s": load.elapsed_s,
         "client_cpu_cores": load.cpu_s / load.elapsed_s,
         "machine_cpu_cores": load.machine_cpu_s / load.elapsed_s if load.machine_cpu_s is not None else None,
         "requests": len(ok),
-        "items": len(ok) * items_per_request,
+        "items": sum(k["items"] for k in by_kind.values()),
         "requests_per_s": len(ok) / load.elapsed_s,
-        "items_per_s": len(ok) * items_per_request / load.elapsed_s,
+        "items_per_s": sum(k["items"] for k in by_kind.values()) / load.elapsed_s,
         "latency_ms": percentiles_ms([s for _, s in ok]),
         "errors": dict(errors),
         "error_messages": {code: load.messages[code] for code in errors},
@@ -458,7 +467,8 @@ def tower_shares(mix: dict[str, float]) -> dict[str, float]:
     total = sum(mix.values())
     shares: dict[str, float] = {}
     for kind, w in mix.items():
-        shares[TOWER[kind]] = shares.get(TOWER[kind], 0.0) + w / total
+        if (tower := TOWER[kind]) is not None:
+            shares[tower] = shares.get(tower, 0.0) + w / total
     return shares
 
 
@@ -469,9 +479,13 @@ def server_over_raw(step: dict[str, Any], raw: dict[str, Any]) -> float | None:
         return None
     used = 0.0
     for kind, k in step["by_kind"].items():
+        if TOWER[kind] is None:
+            continue  # health checks use no model
         if TOWER[kind] not in raw:
             return None
         used += k["items_per_s"] / raw[TOWER[kind]]["items_per_s"]
+    if all(TOWER[kind] is None for kind in step["by_kind"]):
+        return None
     return used
 
 
@@ -502,7 +516,7 @@ async def _connect(args: argparse.Namespace, channel: Any) -> Any:
                              "Is `tandem serve` running there? Start one with `tandem serve --models models`, or "
                              "give its address with --server HOST:PORT") from None
         raise BenchError(f"{args.server} answered GetModel with {e.code().name}: {e.details()}") from None
-    wanted_towers = {TOWER[k] for k in args.mix}
+    wanted_towers = {TOWER[k] for k in args.mix} - {None}
     if not wanted_towers <= set(model.towers):
         raise BenchError(f"model {model.model.name}/{model.model.version} has the towers {list(model.towers)}; "
                          f"--mix {','.join(args.mix)} needs {sorted(wanted_towers)}")
@@ -564,7 +578,7 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
             await _probe(c, plan, args.timeout)
 
         towers = sorted(tower_shares(args.mix))
-        if not args.no_raw:
+        if not args.no_raw and towers:
             bundle = find_bundle(Path(args.models), model)
             _say(f"raw ONNX Runtime on {name} ({', '.join(towers)}), batches up to {args.raw_max_batch}, "
                  f"{args.raw_seconds:g} s per tower ...")
@@ -589,7 +603,7 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
             step["server"] = server_delta(before, after, models) if before is not None and after is not None else None
             if step["server"]:
                 step["server"]["cpu_cores"] = step["server"]["cpu_s"] / load.elapsed_s
-                if load.samples and not step["server"]["requests"] and not warned:
+                if load.samples and not step["server"]["requests"] and set(args.mix) != {"health"} and not warned:
                     _say(f"warning: {args.metrics_url} counted none of this step's requests: is it the metrics "
                          f"page of the server at {args.server}? (--metrics-url)")
                     warned.append(True)
@@ -802,6 +816,8 @@ request kinds for --mix (KIND=WEIGHT, comma separated; each request picks a kind
   image     EmbedImage, --items PNGs
   classify  Classify, --items PNGs against 8 labels (label embeddings are cached by the server)
   search    Search on --collection, --items text queries, top 10
+  health    grpc.health.v1 Check, no items: the floor of one request through this server's gRPC stack on
+            this machine (no model, no handler of ours); text at 1 item can at most reach its requests/s
 
 exit status: 0 when the sweep ran (even with errors counted in it), 1 when it could not run (no server,
 unknown model, missing bundle ...), 2 for bad options."""

@@ -34,7 +34,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = cfg.load(args)
     setup_logging(config.log_level)
     logging.getLogger("tandem.server").info("configuration:\n%s", config.describe())
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (RuntimeError, OSError) as e:  # start-up refused: port or data_dir in use, no model loaded ...
+        logging.getLogger("tandem.server").debug("start-up failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -96,7 +96,8 @@ class ServerConfig:
     reveal_source_paths: bool = _f(False, "show the checkpoint path a bundle was exported from in ModelInfo.source "
                                    "(off: only its kind and sha256, no local paths)")
     shutdown_grace_seconds: int = _f(5, "on SIGTERM, how long calls in progress get to finish before they are cancelled")
-    data_dir: str = _f("data", "folder that holds the collections (created if missing)")
+    data_dir: str = _f("data", "folder that holds the collections (created if missing; one server at a time: a "
+                       "second one on the same folder refuses to start)")
     max_top_k: int = _f(1000, "most hits one search query may ask for")
     max_queries_per_search: int = _f(64, "most queries in one Search request")
     max_query_terms: int = _f(16, "most weighted terms in one query")
@@ -199,6 +200,10 @@ def grpc_server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        # grpc turns SO_REUSEPORT on by default: a second server started on this port would then take a share of
+        # the connections without a word. Off, it fails to start ("in use?"). Several processes on one port
+        # measured +2-10% on 2 cores (docs/benchmarks.md): replicas behind a load balancer do that job.
+        ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", config.keepalive_time_s * 1000),
         ("grpc.keepalive_timeout_ms", config.keepalive_timeout_s * 1000),
         # Clients may ping as often as every 10 s (grpc's own default minimum is 5 min, which makes clients

@@ -128,3 +128,21 @@ def test_a_full_queue_is_counted_as_resource_exhausted_and_the_sweep_goes_on(met
     assert step["errors"]["RESOURCE_EXHAUSTED"] > 0 and step["items"] > 0
     assert "max_queue_rows" in step["error_messages"]["RESOURCE_EXHAUSTED"]
     assert step["server"]["requests"]["EmbedImage RESOURCE_EXHAUSTED"] == step["errors"]["RESOURCE_EXHAUSTED"]
+
+
+def test_health_checks_measure_the_floor_of_a_request_beside_texts(default_server, metrics_url: str, tmp_path: Path
+                                                                   ) -> None:
+    out = tmp_path / "bench.json"
+    args = parse("--server", default_server.target, "--metrics-url", metrics_url, "--raw-seconds", "0.2",
+                 "--raw-max-batch", "2", "--concurrency", "2", "--duration", "0.5", "--warmup", "0",
+                 "--mix", "health=1,text=1", "--items", "3", "--json", str(out))
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+    step = report["steps"][0]
+    health, text = step["by_kind"]["health"], step["by_kind"]["text"]
+    assert step["errors"] == {} and health["requests"] > 0 and text["requests"] > 0
+    assert health["items"] == health["requests"] and text["items"] == 3 * text["requests"]  # no items in a check
+    assert step["items"] == health["items"] + text["items"]
+    assert set(report["raw"]) == {"text"}  # the raw baseline of the tower the texts use, none for health
+    assert step["server_over_raw"] == pytest.approx(text["items_per_s"] / report["raw"]["text"]["items_per_s"])
+    assert step["server"]["requests"].get("EmbedText OK") == text["requests"]

@@ -329,3 +329,30 @@ def test_sigterm_while_loading_exits_cleanly(repo, tmp_path) -> None:  # type: i
     log = "".join(output) + rest
     assert proc.returncode == 0, log
     assert "stopping during start-up" in log and "Traceback" not in log and "Tandem is serving" not in log
+
+
+def _second_serve(*flags: str) -> subprocess.CompletedProcess[str]:
+    """`tandem serve` as a user starts it, expected to refuse to start."""
+    return subprocess.run([sys.executable, "-m", "cli", "serve", "--models", str(ROOT / "models"), "--metrics-port",
+                           "0", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_second_server_on_the_same_data_dir_or_port_refuses_to_start(tmp_path: Path) -> None:
+    first = start_server(ROOT / "models", data_dir=str(tmp_path / "data"))
+    try:
+        shared_dir = _second_serve("--port", "0", "--data-dir", str(tmp_path / "data"))
+        assert shared_dir.returncode == 1, shared_dir.stderr[-2000:]
+        assert f"data_dir {tmp_path / 'data'} is in use by another Tandem server (pid {os.getpid()})" in \
+            shared_dir.stderr and "Traceback" not in shared_dir.stderr
+        # grpc would let a second server share the port (SO_REUSEPORT) and take some of the connections
+        shared_port = _second_serve("--port", str(first.server.port), "--data-dir", str(tmp_path / "other"))
+        assert shared_port.returncode == 1, shared_port.stderr[-2000:]
+        assert f"could not listen on 127.0.0.1:{first.server.port}: the port is in use" in shared_port.stderr
+        with first.channel() as channel:  # the first one never noticed
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+    finally:
+        first.stop()
+    # stopped, the folder is free again
+    again = start_server(ROOT / "models", data_dir=str(tmp_path / "data"))
+    again.stop()
