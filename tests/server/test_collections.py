@@ -138,15 +138,40 @@ def test_hits_carry_the_metadata_of_the_collection_they_come_from(shapes_server)
             assert [(h.id, h.metadata) for h in replaced] == [(f"g{generation}", {"generation": 10 + generation})]
 
 
-def test_metadata_cache_is_bounded_in_bytes() -> None:
-    from server.collections import MetadataCache
+def test_hit_cache_is_bounded_in_bytes() -> None:
+    from server.collections import HitCache
 
-    cache = MetadataCache(max_bytes=10_000)
+    cache = HitCache(max_bytes=10_000)
     for rowid in range(1000):
-        data = cache.get(rowid, f'{{"text": "{"x" * 100}", "n": {rowid}}}')
-        assert pb.Hit(metadata=None).metadata.FromString(data)["n"] == rowid
+        item_id, data = cache.add(rowid, f"item-{rowid}", f'{{"text": "{"x" * 100}", "n": {rowid}}}')
+        assert item_id == f"item-{rowid}" and pb.Hit(metadata=None).metadata.FromString(data)["n"] == rowid
         assert cache.bytes <= 10_000
-    assert cache.get(999, "{}") != cache.get(0, "{}")  # 999 is still cached (its own JSON), 0 was evicted
+    assert set(cache.lookup([0, 998, 999])) == {998, 999}  # the latest are still cached, the first was evicted
+
+
+def test_hits_found_again_are_resolved_from_the_cache_not_sqlite(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    c = shapes_server.server.collections.get("shapes")
+    asked: list[list[int]] = []
+    real = c.resolve
+
+    def counting(rowids):  # type: ignore[no-untyped-def]
+        asked.append(list(rowids))
+        return real(rowids)
+
+    q = np.random.default_rng(11).standard_normal(64).astype(np.float32)
+    c.resolve = counting
+    try:
+        with TandemClient(shapes_server.target) as client:
+            first = client.search("shapes", q, top_k=5)[0]
+            after_first = sum(map(len, asked))
+            again = client.search("shapes", q, top_k=5)[0]
+            without = client.search("shapes", q, top_k=5, with_metadata=False)[0]
+    finally:
+        del c.resolve
+    assert len(first) == 5 and after_first <= 5  # at most the five hits were looked up (fewer if seen before)
+    assert sum(map(len, asked)) == after_first  # the same hits again: no SQLite lookup
+    assert [(h.id, h.metadata, h.score) for h in again] == [(h.id, h.metadata, h.score) for h in first]
+    assert [(h.id, h.metadata) for h in without] == [(h.id, {}) for h in first]
 
 
 def test_lone_and_concurrent_searches_answer_the_same(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
