@@ -203,9 +203,8 @@ class Calls:
 
 
 def make_calls(channel: Any) -> Calls:
-    from tandem.v1 import tandem_pb2_grpc as pb_grpc
-
     from grpc_health.v1 import health_pb2_grpc
+    from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
     inference, collections = pb_grpc.InferenceStub(channel), pb_grpc.CollectionsStub(channel)
     return Calls({"text": inference.EmbedText, "image": inference.EmbedImage, "classify": inference.Classify,

@@ -33,7 +33,7 @@ from index.store import Put, StoreFull
 from . import metrics, wire
 from .batcher import Batcher
 from .config import ServerConfig
-from .errors import ApiError, Code, failed_precondition, in_flight, invalid, not_found, rpc
+from .errors import ApiError, Code, alone, failed_precondition, invalid, not_found, rpc
 from .registry import LoadedModel, Registry
 from .service import Inference
 
@@ -465,7 +465,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         with_metadata = not request.without_metadata
         if where is None and not request.exact:
             b = self._batcher(c, k, with_metadata)
-            if in_flight() == 1 and b.idle and b.quick_run_s < INLINE_SEARCH_MAX_S:
+            if b.idle and b.quick_run_s < INLINE_SEARCH_MAX_S and await alone():
                 results = b.run_inline(q)  # a lone, cheap search: a thread hop would cost more than FAISS
             else:
                 results = await b.submit(q)

@@ -33,6 +33,14 @@ def in_flight() -> int:
     return _in_flight
 
 
+async def alone() -> bool:
+    """Whether the calling RPC is the only one being handled. It first lets every handler that is ready to start
+    do so (one turn of the event loop): a handler that never awaits would otherwise run start to end before the
+    next one starts, and under any load each would find itself alone."""
+    await asyncio.sleep(0)
+    return _in_flight == 1
+
+
 class ApiError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)

@@ -21,9 +21,8 @@ from bundle.image import ImageInputError, preprocess
 
 from . import metrics, wire
 from .admission import ADMISSION_REJECTED, PREPROCESS_ITEMS, Admission, QueueTimeout
-from .batcher import Batcher
 from .config import ServerConfig
-from .errors import ApiError, failed_precondition, in_flight, invalid, rpc
+from .errors import ApiError, failed_precondition, invalid, rpc
 from .registry import READY, Entry, LoadedModel, Registry
 
 
@@ -98,20 +97,9 @@ def check_labels(labels: list[str], templates: list[str], config: ServerConfig) 
                       "send fewer or shorter labels or templates")
 
 
-# Texts of a request with at most this many characters in all are tokenised on the event loop (~15 us for a
+# Texts of a request with at most this many characters in all are tokenised on the event loop (~50 us for a
 # short caption) instead of in a preprocessing thread.
 INLINE_TOKENIZE_CHARS = 256
-# A lone request (the only RPC in flight) of one item runs the model on the event loop, not in a thread, when the
-# model's recent runs took less than this: the hop there and back costs more than it buys when no one else is
-# waiting, and a request that arrives meanwhile waits at most about this long. (Decoding stays in its thread: a
-# large image would hold the loop far longer.)
-INLINE_RUN_MAX_S = 0.002
-
-
-async def _run_tower(b: Batcher, rows: np.ndarray) -> np.ndarray:
-    if len(rows) == 1 and in_flight() == 1 and b.idle and b.quick_run_s < INLINE_RUN_MAX_S:
-        return b.run_inline(rows)
-    return await b.submit(rows)
 
 
 class Inference(pb_grpc.InferenceServicer):
@@ -208,7 +196,7 @@ class Inference(pb_grpc.InferenceServicer):
                     f"{where} exceed the model's context length of {m.tokenizer.context_length} tokens "
                     "and reject_truncated is set; shorten them or allow truncation"
                 )
-            return await _run_tower(m.text, ids), truncated
+            return await m.text.submit(ids), truncated
 
     async def preprocess_images(self, m: LoadedModel, images: Sequence[bytes], labels: Sequence[str],
                                 fail_fast: bool = False) -> list[np.ndarray | ApiError]:
@@ -237,7 +225,7 @@ class Inference(pb_grpc.InferenceServicer):
         with self.admission.admit(m.name, m.version, "image", len(images)):
             tensors = await self.preprocess_images(m, images, [f"{what}[{i}]" for i in range(len(images))],
                                                    fail_fast=True)
-            return await _run_tower(m.image, np.stack(tensors))  # type: ignore[arg-type]
+            return await m.image.submit(np.stack(tensors))  # type: ignore[arg-type]
 
     # -- handlers --------------------------------------------------------------
     @rpc("EmbedText")

@@ -236,21 +236,3 @@ def test_an_oversized_message_is_not_reported_as_a_retryable_overload(tiny_serve
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not info.value.retryable
     assert isinstance(info.value, InvalidArgument)
 
-
-def test_a_lone_one_item_request_runs_the_model_on_the_event_loop_without_queueing(tiny_server) -> None:  # type: ignore[no-untyped-def]
-    """The only request in flight, one text, a model whose runs are quick: no hop to the batcher's thread, so no
-    time in the queue (the stage is observed as 0). Several items still go through the batcher."""
-    from prometheus_client import REGISTRY
-
-    def queue(stat: str) -> float:
-        return REGISTRY.get_sample_value(f"tandem_stage_seconds_{stat}",
-                                         {"stage": "queue", "model": "tiny-clip", "tower": "text"}) or 0.0
-
-    with TandemClient(tiny_server.target) as c:
-        c.embed_text(["warm up the model's recent run times"])
-        count, total = queue("count"), queue("sum")
-        lone = c.embed_text(["a lone red circle"]).embeddings
-        assert (queue("count"), queue("sum")) == (count + 1, total)  # one run, zero seconds queued
-        batched = c.embed_text(["a lone red circle", "and a blue square"]).embeddings
-        assert queue("count") == count + 2 and queue("sum") > total  # two items: queued, however briefly
-    np.testing.assert_allclose(lone[0], batched[0], atol=1e-5)  # the same embedding either way

@@ -58,8 +58,7 @@ def test_a_short_sweep_reports_throughput_latency_batches_stages_and_the_raw_rat
         stages = step["server"]["stages"]
         for stage in ("text/tokenize", "text/queue", "text/inference", "image/decode", "image/preprocess",
                       "image/inference"):
-            # (a lone request runs the model on the event loop: its queue time is 0, so at concurrency 1 all are)
-            assert stages[stage]["count"] > 0 and (stages[stage]["mean_ms"] > 0 or stage.endswith("/queue"))
+            assert stages[stage]["count"] > 0 and stages[stage]["mean_ms"] > 0
         assert step["server"]["requests"]["EmbedText OK"] == step["by_kind"]["text"]["requests"]
     printed = capsys.readouterr().out
     assert "| concurrency | requests/s | items/s |" in printed and "### Batch sizes" in printed
