@@ -27,6 +27,22 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("tandem").setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
+def run_event_loop(main: Any, use_uvloop: bool) -> None:
+    """asyncio.run(main), on uvloop's event loop when asked for and installed."""
+    log = logging.getLogger("tandem.server")
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: running on asyncio's own event loop (pip install uvloop, or "
+                        "set uvloop = false to silence this)")
+        else:
+            log.info("event loop: uvloop %s", uvloop.__version__)
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import config as cfg
     from .app import serve
@@ -35,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     logging.getLogger("tandem.server").info("configuration:\n%s", config.describe())
     try:
-        asyncio.run(serve(config))
+        run_event_loop(serve(config), config.uvloop)
     except (RuntimeError, OSError) as e:  # start-up refused: port or data_dir in use, no model loaded ...
         logging.getLogger("tandem.server").debug("start-up failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)

@@ -49,6 +49,9 @@ class ServerConfig:
     intra_op_threads: int = _f(0, "threads per ONNX Runtime run (0: the CPUs this process may use, container CPU "
                                "limit included, divided among model_runners)")
     inter_op_threads: int = _f(1, "ONNX Runtime inter-op threads")
+    uvloop: bool = _f(True, "run the event loop on uvloop (part of the serving install on Linux and macOS; asyncio's "
+                      "own loop when it is missing): 1.2-1.4x the requests/s at concurrency 32 on 2 cores "
+                      "(docs/benchmarks.md)")
     ort_spinning: bool = _f(False, "let ONNX Runtime's threads spin-wait between runs (its own default): a lone "
                             "request is ~0.4 ms faster, but under load the spinning takes the CPU that decoding, "
                             "tokenising and gRPC need (off: 1.2 to 1.6 times the throughput at concurrency 32 on 2 "

@@ -35,7 +35,7 @@ TORCH = {"torch", "torchvision", "open_clip", "timm", "onnx", "onnxscript", "ten
 ALLOWED = {
     "bundle": {"bundle", "numpy", "PIL", "tokenizers", "ftfy", "regex", "google", "cryptography"},
     "server": {"server", "bundle", "index", "tandem", "numpy", "PIL", "grpc", "grpc_health", "grpc_reflection",
-               "google", "prometheus_client", "onnxruntime", "faiss", "tqdm"},
+               "google", "prometheus_client", "onnxruntime", "faiss", "tqdm", "uvloop"},
     "index": {"index", "bundle", "numpy", "faiss"},
 }
 FORBIDDEN = {"training": {"server"}}
@@ -131,6 +131,8 @@ def test_server_from_the_serving_install_has_no_torch_and_counts_its_requests() 
             text = c.embed_text(["a small red circle"]).embeddings
             assert text.shape == (1, c.get_model().dim)
         assert mapped_libtorch(proc.pid) == []
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "uvloop/loop." in maps  # the serving install runs its event loop on uvloop (config: uvloop)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         # A fresh process: exactly the one request above (and the warm-up run, which is no request).
         assert 'tandem_requests_total{code="OK",method="EmbedText"} 1.0' in body
