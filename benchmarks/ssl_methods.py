@@ -5,6 +5,7 @@ scored by frozen-feature kNN and linear probe against the random-init backbone e
     python benchmarks/ssl_methods.py --methods simsiam --split val --lr-scale 0.5    # choosing a setting
     python benchmarks/ssl_methods.py --methods byol --split val --optimizer lars     # choosing an optimiser
     python benchmarks/ssl_methods.py --methods simclr --seeds 0 --steps 200          # a quick pilot
+    python benchmarks/ssl_methods.py --report-from runs/a/results.json runs/b/results.json   # one table of several
 
 Honest evaluation. Settings are chosen on the **val** split (`--split val`);
 the reported numbers come from the **test** split (`--split test`, the
@@ -174,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}: random init linear shape {base['linear_shape']:.3f} -> "
                   f"{result['linear_shape']:.3f} ({minutes:.1f} min)" + (f"; {warn}" if warn else ""), flush=True)
 
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "results.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2) + "\n")
+    return report(runs, args.methods, args)
+
+
+def report(runs: list[dict], methods: list[str], args: argparse.Namespace) -> int:  # type: ignore[type-arg]
+    """Print the table of `runs` (mean ± std over seeds, the 2-SE verdict); 0 when every method passes."""
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"{args.image_size}px; split scored: {args.split}; seeds {args.seeds}; kNN k=20 and linear probe on "
           f"{args.eval_train} training-split / {args.eval_test} {args.split} images; gain = trained minus the "
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print("method | backbone | optimiser, lr, wd | steps x batch | random-init linear shape | linear shape | "
           "kNN shape | gain linear shape | 2 SE | gain kNN shape | eff. rank | passes")
     failed = []
-    for name in args.methods:
+    for name in methods:
         rs = [r for r in runs if r["method"] == name]
         gains = [r["gain_linear_shape"] for r in rs]
         passed, mean, se = verdict(gains, any(r["collapsed"] for r in rs))
@@ -195,12 +203,32 @@ def main(argv: list[str] | None = None) -> int:
             pm(gains), f"{2 * se:.3f}", pm([r["gain_knn_shape"] for r in rs]),
             pm([r["trained"]["rank"] for r in rs]) + (" COLLAPSED" if any(r["collapsed"] for r in rs) else ""),
             {True: "yes", False: "NO", None: "undecided (1 seed)"}[passed]]))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "results.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2) + "\n")
     print("every method's mean gain over its own random init exceeds 2 standard errors, none collapsed: "
           + ("yes" if not failed else f"NO ({', '.join(failed)})"))
     return 0 if not failed else 1
 
 
+def report_from(files: list[str]) -> int:
+    """The table of several results.json (one run of the script each, e.g. a method at a time), merged."""
+    loaded = [json.loads(Path(f).read_text()) for f in files]
+    first = argparse.Namespace(**loaded[0]["args"])
+    for other in loaded[1:]:
+        differ = [k for k in ("split", "seeds", "image_size", "eval_train", "eval_test", "train_size")
+                  if other["args"][k] != loaded[0]["args"][k]]
+        if differ:
+            raise SystemExit(f"error: the results differ in {', '.join(differ)}: not one benchmark")
+    runs = [r for data in loaded for r in data["runs"]]
+    seen: set[tuple[str, int]] = set()
+    for r in runs:
+        if (r["method"], r["seed"]) in seen:
+            raise SystemExit(f"error: {r['method']} seed {r['seed']} is in more than one of the results: compare "
+                             "settings with separate tables")
+        seen.add((r["method"], r["seed"]))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    return report(runs, methods, first)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--report-from"]:
+        sys.exit(report_from(sys.argv[2:]))
     sys.exit(main())
