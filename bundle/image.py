@@ -236,3 +236,13 @@ def preprocess(data: bytes, spec: ImageSpec, max_pixels: int, seconds: dict[str,
     if seconds is not None:
         seconds["decode"], seconds["preprocess"] = decoded - started, time.perf_counter() - decoded
     return tensor
+
+
+def preprocess_pixels(rgb: np.ndarray, spec: ImageSpec, seconds: dict[str, float] | None = None) -> np.ndarray:
+    """8-bit RGB pixels (uint8 [height, width, 3]) -> float32 [3, size, size]: what :func:`preprocess` does after
+    decoding, so raw pixels and a lossless file of them give the same tensor. At the model's size, no resizing."""
+    started = time.perf_counter()
+    tensor = to_tensor(geometry(Image.fromarray(rgb, "RGB"), spec), spec)
+    if seconds is not None:
+        seconds["preprocess"] = time.perf_counter() - started
+    return tensor

@@ -228,6 +228,18 @@ def _bytes(image: ImageLike) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
+def _images(images: Sequence[ImageLike] | np.ndarray) -> dict[str, Any]:
+    """The image fields of a request: encoded files, or raw RGB pixels from a uint8 array [n, height, width, 3]
+    (nothing for the server to decode)."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise ValueError(f"raw images must be a uint8 array [n, height, width, 3] (RGB), got {images.dtype} "
+                             f"{list(images.shape)}")
+        n, h, w, _ = images.shape
+        return {"pixels": pb.Pixels(count=n, height=h, width=w, data=np.ascontiguousarray(images).tobytes())}
+    return {"images": [_bytes(i) for i in images]}
+
+
 def _result(r: pb.EmbedResponse) -> EmbedResult:
     return EmbedResult(decode_matrix(r.embeddings, "embeddings"), r.model.name, r.model.version, r.normalized,
                        list(r.truncated))
@@ -250,13 +262,13 @@ class _Requests:
                                    unnormalized=not normalize, reject_truncated=reject_truncated,
                                    dtype=_dtype(dtype))
 
-    def image(self, images: Sequence[ImageLike], normalize: bool, dtype: str) -> pb.EmbedImageRequest:
-        return pb.EmbedImageRequest(model=self.model, version=self.version, images=[_bytes(i) for i in images],
+    def image(self, images: Sequence[ImageLike] | np.ndarray, normalize: bool, dtype: str) -> pb.EmbedImageRequest:
+        return pb.EmbedImageRequest(model=self.model, version=self.version, **_images(images),
                                     unnormalized=not normalize, dtype=_dtype(dtype))
 
-    def classify(self, images: Sequence[ImageLike], labels: Sequence[str], templates: Sequence[str] | None,
-                 top_k: int) -> pb.ClassifyRequest:
-        return pb.ClassifyRequest(model=self.model, version=self.version, images=[_bytes(i) for i in images],
+    def classify(self, images: Sequence[ImageLike] | np.ndarray, labels: Sequence[str],
+                 templates: Sequence[str] | None, top_k: int) -> pb.ClassifyRequest:
+        return pb.ClassifyRequest(model=self.model, version=self.version, **_images(images),
                                   labels=list(labels), templates=list(templates or []), top_k=top_k)
 
 
@@ -378,13 +390,14 @@ class TandemClient:
                                                 timeout=self.timeout_s, metadata=self.metadata))
 
     @_raises_tandem_errors
-    def embed_image(self, images: Sequence[ImageLike], normalize: bool = True, dtype: str = "float32"
+    def embed_image(self, images: Sequence[ImageLike] | np.ndarray, normalize: bool = True, dtype: str = "float32"
                     ) -> EmbedResult:
+        """Embed image files (bytes or paths), or raw RGB pixels given as a uint8 array [n, height, width, 3]."""
         return _result(self.inference.EmbedImage(self.req.image(images, normalize, dtype), timeout=self.timeout_s, metadata=self.metadata))
 
     @_raises_tandem_errors
-    def classify(self, images: Sequence[ImageLike], labels: Sequence[str], templates: Sequence[str] | None = None,
-                 top_k: int = 5) -> list[list[Label]]:
+    def classify(self, images: Sequence[ImageLike] | np.ndarray, labels: Sequence[str],
+                 templates: Sequence[str] | None = None, top_k: int = 5) -> list[list[Label]]:
         return _labels(self.inference.Classify(self.req.classify(images, labels, templates, top_k),
                                                timeout=self.timeout_s, metadata=self.metadata))
 
@@ -476,13 +489,14 @@ class AsyncTandemClient:
                                                       timeout=self.timeout_s, metadata=self.metadata))
 
     @_async_raises_tandem_errors
-    async def embed_image(self, images: Sequence[ImageLike], normalize: bool = True, dtype: str = "float32"
-                          ) -> EmbedResult:
+    async def embed_image(self, images: Sequence[ImageLike] | np.ndarray, normalize: bool = True,
+                          dtype: str = "float32") -> EmbedResult:
+        """Embed image files (bytes or paths), or raw RGB pixels given as a uint8 array [n, height, width, 3]."""
         return _result(await self.inference.EmbedImage(self.req.image(images, normalize, dtype),
                                                        timeout=self.timeout_s, metadata=self.metadata))
 
     @_async_raises_tandem_errors
-    async def classify(self, images: Sequence[ImageLike], labels: Sequence[str],
+    async def classify(self, images: Sequence[ImageLike] | np.ndarray, labels: Sequence[str],
                        templates: Sequence[str] | None = None, top_k: int = 5) -> list[list[Label]]:
         return _labels(await self.inference.Classify(self.req.classify(images, labels, templates, top_k),
                                                      timeout=self.timeout_s, metadata=self.metadata))

@@ -17,7 +17,7 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from bundle import zero_shot
-from bundle.image import ImageInputError, preprocess
+from bundle.image import ImageInputError, preprocess, preprocess_pixels
 
 from . import metrics, wire
 from .admission import ADMISSION_REJECTED, PREPROCESS_ITEMS, Admission, QueueTimeout
@@ -198,19 +198,24 @@ class Inference(pb_grpc.InferenceServicer):
                 )
             return await m.text.submit(ids), truncated
 
-    async def preprocess_images(self, m: LoadedModel, images: Sequence[bytes], labels: Sequence[str],
+    async def preprocess_images(self, m: LoadedModel, images: Sequence[bytes] | np.ndarray, labels: Sequence[str],
                                 fail_fast: bool = False) -> list[np.ndarray | ApiError]:
         """Each image's input tensor, or the INVALID_ARGUMENT error naming it by its label (decoded in parallel).
+        `images`: encoded files, or raw RGB pixels (uint8 [n, height, width, 3], see _image_inputs).
 
         With fail_fast, the first bad image raises its error and the images not yet started are not decoded.
         """
         spec, limit, max_bytes = m.bundle.manifest.image, self.config.max_image_pixels, self.config.max_image_decode_bytes
         stage = {s: metrics.STAGE_SECONDS.labels(s, m.name, "image") for s in ("decode", "preprocess")}
+        raw = isinstance(images, np.ndarray)
 
         def one(i: int) -> np.ndarray | ApiError:
             seconds: dict[str, float] = {}
             try:
-                tensor = preprocess(images[i], spec, limit, seconds, max_decode_bytes=max_bytes)
+                if raw:
+                    tensor = preprocess_pixels(images[i], spec, seconds)
+                else:
+                    tensor = preprocess(images[i], spec, limit, seconds, max_decode_bytes=max_bytes)  # type: ignore[arg-type]
             except ImageInputError as e:
                 PREPROCESS_ITEMS.labels("image", "invalid").inc()
                 return invalid(f"{labels[i]} {e}")
@@ -221,7 +226,30 @@ class Inference(pb_grpc.InferenceServicer):
 
         return await self._run_items(m, "image", one, len(images), fail_fast)
 
-    async def embed_images(self, m: LoadedModel, images: list[bytes], what: str = "images") -> np.ndarray:
+    def _image_inputs(self, request: pb.EmbedImageRequest | pb.ClassifyRequest) -> list[bytes] | np.ndarray:
+        """The request's encoded images, or its raw pixels as uint8 [count, height, width, 3] (checked)."""
+        if not request.HasField("pixels"):
+            images = list(request.images)
+            self._check_count(len(images), "images")
+            return images
+        if request.images:
+            raise invalid("the request sets both images (encoded files) and pixels (raw RGB); send one of them")
+        p = request.pixels
+        self._check_count(p.count, "pixels.count")
+        if p.height == 0 or p.width == 0:
+            raise invalid(f"pixels are {p.height} x {p.width}: set pixels.height and pixels.width (at least 1)")
+        if p.height * p.width > self.config.max_image_pixels:
+            raise invalid(f"pixels are {p.height} x {p.width} = {p.height * p.width:,} pixels an image, more than "
+                          f"max_image_pixels={self.config.max_image_pixels:,}")
+        want = p.count * p.height * p.width * 3
+        if len(p.data) != want:
+            raise invalid(f"pixels.data has {len(p.data):,} bytes; count x height x width x 3 = {p.count} x {p.height} x "
+                          f"{p.width} x 3 = {want:,} (8-bit RGB, numpy uint8 [count, height, width, 3] in C order)")
+        return np.frombuffer(p.data, np.uint8).reshape(p.count, p.height, p.width, 3)
+
+    async def embed_images(self, m: LoadedModel, images: list[bytes] | np.ndarray, what: str = "images"
+                           ) -> np.ndarray:
+        what = "pixels" if isinstance(images, np.ndarray) else what
         with self.admission.admit(m.name, m.version, "image", len(images)):
             tensors = await self.preprocess_images(m, images, [f"{what}[{i}]" for i in range(len(images))],
                                                    fail_fast=True)
@@ -245,9 +273,8 @@ class Inference(pb_grpc.InferenceServicer):
     @rpc("EmbedImage")
     async def EmbedImage(self, request: pb.EmbedImageRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         m = self.registry.get(request.model, request.version)
-        images = list(request.images)
+        images = self._image_inputs(request)
         metrics.ITEMS.labels("EmbedImage").inc(len(images))
-        self._check_count(len(images), "images")
         _check_vector_format(request)
         out = await self.embed_images(m, images)
         if not request.unnormalized:
@@ -263,10 +290,9 @@ class Inference(pb_grpc.InferenceServicer):
                 f"model {m.name}/{m.version} is image-only (kind {m.bundle.manifest.kind!r}): zero-shot "
                 "classification needs a text tower. Use a CLIP model, or embed images and search instead"
             )
-        images, labels = list(request.images), list(request.labels)
+        images, labels = self._image_inputs(request), list(request.labels)
         templates = list(request.templates) or list(zero_shot.DEFAULT_TEMPLATES)
         metrics.ITEMS.labels("Classify").inc(len(images))
-        self._check_count(len(images), "images")
         self._check_texts(labels, "labels")
         check_labels(labels, templates, self.config)
         key = (tuple(labels), tuple(templates))

@@ -236,3 +236,20 @@ def test_an_oversized_message_is_not_reported_as_a_retryable_overload(tiny_serve
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not info.value.retryable
     assert isinstance(info.value, InvalidArgument)
 
+
+
+def test_raw_pixels_embed_and_classify_as_the_same_image_sent_as_png(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    """Raw RGB skips decoding and gives what decoding a lossless file of the same pixels gives: at the model's
+    size (no resizing either) and at another size (resized and cropped the same way)."""
+    rng = np.random.default_rng(3)
+    with TandemClient(tiny_server.target) as c:
+        size = c.get_model().image_size
+        for h, w in ((size, size), (37, 61)):
+            rgb = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+            pngs = [png_bytes(Image.fromarray(x)) for x in rgb]
+            raw, files = c.embed_image(rgb).embeddings, c.embed_image(pngs).embeddings
+            np.testing.assert_array_equal(raw, files)
+            labels = ["red circle", "blue square", "green cross"]
+            assert c.classify(rgb, labels, top_k=3) == c.classify(pngs, labels, top_k=3)
+        with pytest.raises(ValueError, match="uint8 array"):
+            c.embed_image(rgb.astype(np.float32))

@@ -239,3 +239,30 @@ def test_a_16_bit_image_within_the_decode_memory_is_embedded(budget_stub) -> Non
     grey = png_bytes(Image.fromarray(np.full((90, 90), 30000, np.uint16)))  # 8,100 x 3 = 24,300 bytes
     r = budget_stub.EmbedImage(pb.EmbedImageRequest(images=[grey]), timeout=30)
     assert matrix(r.embeddings).shape == (1, r.dim)
+
+
+def _pixels(count: int, h: int, w: int, extra: int = 0) -> pb.Pixels:
+    return pb.Pixels(count=count, height=h, width=w, data=bytes(count * h * w * 3 + extra))
+
+
+PIXEL_CASES = {  # tiny_server: max_items_per_request 8, max_image_pixels 100 x 100
+    "both": (pb.EmbedImageRequest(images=[GOOD], pixels=_pixels(1, 4, 4)), "both images", "send one of them"),
+    "short data": (pb.EmbedImageRequest(pixels=_pixels(2, 4, 5, extra=-1)), "pixels.data has 119 bytes",
+                   "2 x 4 x 5 x 3 = 120"),
+    "long data": (pb.EmbedImageRequest(pixels=_pixels(1, 4, 5, extra=7)), "67 bytes", "= 60"),
+    "no height": (pb.EmbedImageRequest(pixels=_pixels(1, 0, 5)), "pixels are 0 x 5"),
+    "no images": (pb.EmbedImageRequest(pixels=_pixels(0, 4, 4)), "pixels.count is empty"),
+    "too many": (pb.EmbedImageRequest(pixels=_pixels(9, 2, 2)), "pixels.count has 9 items"),
+    "too large": (pb.EmbedImageRequest(pixels=_pixels(1, 101, 100)), "10,100 pixels", "max_image_pixels=10,000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PIXEL_CASES))
+def test_bad_raw_pixels_are_invalid_argument(stub, case: str) -> None:  # type: ignore[no-untyped-def]
+    request, *fragments = PIXEL_CASES[case]
+    expect(lambda: stub.EmbedImage(request, timeout=30), C.INVALID_ARGUMENT, *fragments)
+    classify = pb.ClassifyRequest(labels=["red", "blue"])
+    classify.images.extend(request.images)
+    classify.pixels.CopyFrom(request.pixels)
+    expect(lambda: stub.Classify(classify, timeout=30), C.INVALID_ARGUMENT, *fragments)
+    still_serving(stub)

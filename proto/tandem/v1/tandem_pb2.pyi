@@ -69,20 +69,34 @@ class EmbedTextRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., unnormalized: _Optional[bool] = ..., reject_truncated: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., float_list: _Optional[bool] = ...) -> None: ...
 
 class EmbedImageRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "unnormalized", "dtype", "float_list")
+    __slots__ = ("model", "version", "images", "unnormalized", "dtype", "float_list", "pixels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     UNNORMALIZED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FLOAT_LIST_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     unnormalized: bool
     dtype: DType
     float_list: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., unnormalized: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., float_list: _Optional[bool] = ...) -> None: ...
+    pixels: Pixels
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., unnormalized: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., float_list: _Optional[bool] = ..., pixels: _Optional[_Union[Pixels, _Mapping]] = ...) -> None: ...
+
+class Pixels(_message.Message):
+    __slots__ = ("count", "height", "width", "data")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    height: int
+    width: int
+    data: bytes
+    def __init__(self, count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("model", "dim", "embeddings", "normalized", "truncated")
@@ -99,20 +113,22 @@ class EmbedResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., dim: _Optional[int] = ..., embeddings: _Optional[_Union[Matrix, _Mapping]] = ..., normalized: _Optional[bool] = ..., truncated: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "labels", "templates", "top_k")
+    __slots__ = ("model", "version", "images", "pixels", "labels", "templates", "top_k")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
+    pixels: Pixels
     labels: _containers.RepeatedScalarFieldContainer[str]
     templates: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Union[Pixels, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., templates: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "index", "probability", "cosine")
