@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KINDS = ("text", "image", "classify", "search", "health")
+KINDS = ("text", "image", "pixels", "classify", "search", "health")
 # The tower that embeds the items (health: none, it is the empty call that shows the floor of one gRPC request).
-TOWER = {"text": "text", "image": "image", "classify": "image", "search": "text", "health": None}
-METHOD = {"text": "EmbedText", "image": "EmbedImage", "classify": "Classify", "search": "Search",
+TOWER = {"text": "text", "image": "image", "pixels": "image", "classify": "image", "search": "text", "health": None}
+METHOD = {"text": "EmbedText", "image": "EmbedImage", "pixels": "EmbedImage", "classify": "Classify", "search": "Search",
           "health": "grpc.health.v1.Health/Check"}
 STAGES = ("decode", "preprocess", "tokenize", "queue", "inference")
 DEFAULT_CONCURRENCY = "1,4,16,32"
@@ -181,6 +181,20 @@ def build_plan(mix: dict[str, float], items: int, model: Any, collection: str, i
         elif kind == "classify":
             reqs = [pb.ClassifyRequest(model=name, version=version, images=some_images(), labels=LABELS, top_k=1)
                     for _ in range(IMAGE_POOL)]
+        elif kind == "pixels":  # the same shapes, decoded and resized to the model's size: nothing left to do
+            import io
+
+            import numpy as np
+            from PIL import Image
+
+            side = model.image_size
+            rgb = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize((side, side)))
+                            for png in plan.images])
+            reqs = []
+            for _ in range(IMAGE_POOL):
+                x = rgb[[rng.randrange(len(rgb)) for _ in range(items)]]
+                reqs.append(pb.EmbedImageRequest(model=name, version=version, pixels=pb.Pixels(
+                    count=items, height=side, width=side, data=x.tobytes())))
         elif kind == "health":
             from grpc_health.v1 import health_pb2
 
@@ -207,8 +221,9 @@ def make_calls(channel: Any) -> Calls:
     from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
     inference, collections = pb_grpc.InferenceStub(channel), pb_grpc.CollectionsStub(channel)
-    return Calls({"text": inference.EmbedText, "image": inference.EmbedImage, "classify": inference.Classify,
-                  "search": collections.Search, "health": health_pb2_grpc.HealthStub(channel).Check})
+    return Calls({"text": inference.EmbedText, "image": inference.EmbedImage, "pixels": inference.EmbedImage,
+                  "classify": inference.Classify, "search": collections.Search,
+                  "health": health_pb2_grpc.HealthStub(channel).Check})
 
 
 @dataclass
@@ -813,6 +828,7 @@ EPILOG = """examples:
 request kinds for --mix (KIND=WEIGHT, comma separated; each request picks a kind at random by weight):
   text      EmbedText, --items captions
   image     EmbedImage, --items PNGs
+  pixels    EmbedImage, --items raw RGB images at the model's image size (Pixels: nothing to decode or resize)
   classify  Classify, --items PNGs against 8 labels (label embeddings are cached by the server)
   search    Search on --collection, --items text queries, top 10
   health    grpc.health.v1 Check, no items: the floor of one request through this server's gRPC stack on

@@ -146,3 +146,15 @@ def test_health_checks_measure_the_floor_of_a_request_beside_texts(default_serve
     assert set(report["raw"]) == {"text"}  # the raw baseline of the tower the texts use, none for health
     assert step["server_over_raw"] == pytest.approx(text["items_per_s"] / report["raw"]["text"]["items_per_s"])
     assert step["server"]["requests"].get("EmbedText OK") == text["requests"]
+
+
+def test_raw_pixel_requests_skip_decoding(default_server, metrics_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bench.json"
+    args = parse("--server", default_server.target, "--metrics-url", metrics_url, "--no-raw", "--concurrency", "2",
+                 "--duration", "0.5", "--warmup", "0", "--mix", "pixels", "--items", "2", "--json", str(out))
+    assert bench.main(args) == 0
+    step = json.loads(out.read_text())["steps"][0]
+    assert step["errors"] == {} and step["by_kind"]["pixels"]["items"] == step["items"] > 0
+    server = step["server"]
+    assert server["batch_sizes"]["image"]["rows"] == step["items"]
+    assert "image/decode" not in server["stages"] or server["stages"]["image/decode"]["count"] == 0  # nothing decoded
