@@ -139,6 +139,16 @@ def parse_connections(text: str) -> int:
     return int(text)
 
 
+def parse_rate(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate {text!r}: give requests per second, e.g. 500,1000,2000") from None
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rate {text!r}: give numbers above 0, e.g. 500,1000,2000")
+    return rates
+
+
 def parse_server(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -249,10 +259,14 @@ def machine_busy_s() -> float | None:
 
 
 async def run_load(calls: Calls | list[Calls], plan: Plan, concurrency: int, seconds: float, timeout_s: float,
-                   rng: random.Random) -> Load:
+                   rng: random.Random, rate: float | None = None) -> Load:
     """`concurrency` closed-loop clients, each sending its next request as soon as the last one is answered,
     until `seconds` have passed; requests in flight then are waited for and counted. With a list of Calls
-    (one per connection), client i sends on connection i mod len(calls)."""
+    (one per connection), client i sends on connection i mod len(calls).
+
+    With `rate`, an open loop instead (perf_analyzer's --request-rate-range): a request is sent every 1/rate
+    seconds whether or not the earlier ones were answered, and its latency counts from when it was due, so a
+    server that falls behind is charged for the wait (no coordinated omission)."""
     import grpc
 
     kinds, weights = list(plan.mix), list(plan.mix.values())
@@ -278,8 +292,34 @@ async def run_load(calls: Calls | list[Calls], plan: Plan, concurrency: int, sec
                 messages.setdefault(code, e.details() or "")
             samples.append((kind, clock() - started, code))
 
+    async def one(by_kind: dict[str, Any], kind: str, request: Any, due: float) -> None:
+        try:
+            await by_kind[kind](request, timeout=timeout_s)
+            code = "OK"
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+            messages.setdefault(code, e.details() or "")
+        samples.append((kind, clock() - due, code))
+
+    async def open_loop(rate: float) -> None:
+        r, in_flight, sent = random.Random(rng.getrandbits(32)), set(), 0
+        begin = clock()
+        while (now := clock()) < stop_at:
+            while (due := begin + sent / rate) <= now:  # everything due by now (the loop's timer has ~1 ms steps)
+                kind = r.choices(kinds, weights)[0] if len(kinds) > 1 else kinds[0]
+                by_kind = per_connection[sent % len(per_connection)].by_kind
+                task = asyncio.create_task(one(by_kind, kind, r.choice(plan.requests[kind]), due))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                sent += 1
+            await asyncio.sleep(max(0.0, begin + sent / rate - clock()))
+        await asyncio.gather(*in_flight)
+
     started, cpu, busy = clock(), time.process_time(), machine_busy_s()
-    await asyncio.gather(*(client(i, rng.getrandbits(32)) for i in range(concurrency)))
+    if rate:
+        await open_loop(rate)
+    else:
+        await asyncio.gather(*(client(i, rng.getrandbits(32)) for i in range(concurrency)))
     busy_after = machine_busy_s()
     return Load(samples, clock() - started, messages, time.process_time() - cpu,
                 busy_after - busy if busy is not None and busy_after is not None else None)
@@ -305,6 +345,7 @@ def summarise(load: Load, items_per_request: int) -> dict[str, Any]:
         by_kind[kind] = {"requests": len(lat), "items": len(lat) * per,
                          "items_per_s": len(lat) * per / load.elapsed_s, "latency_ms": percentiles_ms(lat)}
     errors = Counter(code for _, _, code in load.samples if code != "OK")
+    error_latency = {code: percentiles_ms([s for _, s, c in load.samples if c == code]) for code in errors}
     return {
         "elapsed_s": load.elapsed_s,
         "client_cpu_cores": load.cpu_s / load.elapsed_s,
@@ -316,6 +357,7 @@ def summarise(load: Load, items_per_request: int) -> dict[str, Any]:
         "latency_ms": percentiles_ms([s for _, s in ok]),
         "errors": dict(errors),
         "error_messages": {code: load.messages[code] for code in errors},
+        "error_latency_ms": error_latency,  # how long each refusal took to arrive (RESOURCE_EXHAUSTED: how fast)
         "by_kind": by_kind,
     }
 
@@ -605,15 +647,17 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
         models = {model.model.name} | ({args.collection} if args.collection else set())
         rng, warned = random.Random(args.seed), []
-        bar = tqdm(args.concurrency, unit="step", desc="sweep", file=sys.stderr, disable=None, leave=False)
-        for concurrency in bar:
-            bar.set_description(f"concurrency {concurrency}")
+        levels = args.rate or args.concurrency
+        bar = tqdm(levels, unit="step", desc="sweep", file=sys.stderr, disable=None, leave=False)
+        for level in bar:
+            concurrency, rate = (0, level) if args.rate else (level, None)
+            bar.set_description(f"rate {level:g}/s" if rate else f"concurrency {level}")
             if args.warmup > 0:
-                await run_load(calls, plan, concurrency, args.warmup, args.timeout, rng)
+                await run_load(calls, plan, concurrency, args.warmup, args.timeout, rng, rate)
             before = _scrape_or_warn(args.metrics_url, warned)
-            load = await run_load(calls, plan, concurrency, args.duration, args.timeout, rng)
+            load = await run_load(calls, plan, concurrency, args.duration, args.timeout, rng, rate)
             after = _scrape_or_warn(args.metrics_url, warned) if before is not None else None
-            step = {"concurrency": concurrency, **summarise(load, args.items)}
+            step = {"concurrency": concurrency, "rate": rate, **summarise(load, args.items)}
             step["server"] = server_delta(before, after, models) if before is not None and after is not None else None
             if step["server"]:
                 step["server"]["cpu_cores"] = step["server"]["cpu_s"] / load.elapsed_s
@@ -632,16 +676,23 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
         await c.close()
 
 
+def level(step: dict[str, Any]) -> str:
+    """A step's load: its concurrency, or for an open loop the requests/s sent."""
+    return f"{step['rate']:,.0f}/s" if step.get("rate") else str(step["concurrency"])
+
+
 def step_line(step: dict[str, Any]) -> str:
     lat = step["latency_ms"]
-    line = (f"concurrency {step['concurrency']:>4}: {step['items_per_s']:9,.1f} items/s "
+    line = (f"{'rate' if step.get('rate') else 'concurrency'} {level(step):>4}: {step['items_per_s']:9,.1f} items/s "
             f"{step['requests_per_s']:9,.1f} requests/s")
     if lat:
         line += f"  p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} p99 {lat['p99']:.1f} ms"
     if step["server_over_raw"] is not None:
         line += f"  server/raw {step['server_over_raw']:.2f}"
     for code, n in step["errors"].items():
-        line += f"  {code} {n} ({step['error_messages'][code][:120]})"
+        took = step.get("error_latency_ms", {}).get(code, {})
+        line += f"  {code} {n}" + (f" (p99 {took['p99']:.1f} ms)" if took else "")
+        line += f" ({step['error_messages'][code][:120]})"
     return line
 
 
@@ -680,6 +731,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables: the sweep, then the server's batch sizes and time per stage per step."""
     m, steps = report["model"], report["steps"]
+    head = "rate sent" if any(st.get("rate") for st in steps) else "concurrency"  # open loop, or closed
     mix = ",".join(f"{k}={v:g}" for k, v in report["mix"].items())
     lines = [f"## tandem bench: {m['name']}/{m['version']} at {report['server']}", "",
              f"mix {mix}, {report['items_per_request']} item(s) per request, {report['duration_s']:g} s per step "
@@ -690,7 +742,7 @@ def markdown(report: dict[str, Any]) -> str:
                         f"{r['cpu_cores']:.2f} / machine {_fmt(r['machine_cpu_cores'], 2)})"
                         for t, r in report["raw"].items())
         lines.append(f"raw ONNX Runtime, best batch, in this process: {raw}.")
-    lines += ["", "| concurrency | requests/s | items/s | p50 ms | p95 ms | p99 ms | errors | mean batch | server/raw "
+    lines += ["", f"| {head} | requests/s | items/s | p50 ms | p95 ms | p99 ms | errors | mean batch | server/raw "
               "| CPU cores: client / server / machine |",
               "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for s in steps:
@@ -698,7 +750,7 @@ def markdown(report: dict[str, Any]) -> str:
         errors = ", ".join(f"{c} {n}" for c, n in s["errors"].items()) or "0"
         batches = (s["server"] or {}).get("batch_sizes", {})
         mean_batch = " / ".join(f"{t} {b['mean']:.1f}" for t, b in batches.items()) or "-"
-        lines.append(f"| {s['concurrency']} | {_fmt(s['requests_per_s'])} | {_fmt(s['items_per_s'])} | "
+        lines.append(f"| {level(s)} | {_fmt(s['requests_per_s'])} | {_fmt(s['items_per_s'])} | "
                      f"{_fmt(lat.get('p50'), 2)} | {_fmt(lat.get('p95'), 2)} | {_fmt(lat.get('p99'), 2)} | {errors} | "
                      f"{mean_batch} | {_fmt(s['server_over_raw'], 2)} | {s['client_cpu_cores']:.2f} / "
                      f"{_fmt((s['server'] or {}).get('cpu_cores'), 2)} / {_fmt(s['machine_cpu_cores'], 2)} |")
@@ -712,25 +764,25 @@ def markdown(report: dict[str, Any]) -> str:
         for b in s["server"]["batch_sizes"].values():
             ranges += [r for r, n in b["histogram"].items() if r not in ranges and n]
     lines += ["", "### Batch sizes (server: ONNX Runtime runs per batch size, during the measured window)", "",
-              "| concurrency | tower | batches | " + " | ".join(ranges) + " | mean |",
+              f"| {head} | tower | batches | " + " | ".join(ranges) + " | mean |",
               "|---:|---|---:|" + "---:|" * len(ranges) + "---:|"]
     for s in with_server:
         for tower, b in s["server"]["batch_sizes"].items():
             counts = " | ".join(str(b["histogram"].get(r, 0)) for r in ranges)
-            lines.append(f"| {s['concurrency']} | {tower} | {b['batches']} | {counts} | {b['mean']:.1f} |")
+            lines.append(f"| {level(s)} | {tower} | {b['batches']} | {counts} | {b['mean']:.1f} |")
 
     stage_keys = sorted({k for s in with_server for k in s["server"]["stages"]},
                         key=lambda k: (k.split("/")[0], STAGES.index(k.split("/")[1]) if k.split("/")[1] in STAGES
                                        else len(STAGES)))
     methods = sorted({mt for s in with_server for mt in s["server"]["request_ms"]})
     lines += ["", "### Time per stage (server: mean ms per observation; see docs/bench.md for what each counts)", "",
-              "| concurrency | " + " | ".join(stage_keys + [f"{mt} (server)" for mt in methods]) + " | client p50 |",
+              f"| {head} | " + " | ".join(stage_keys + [f"{mt} (server)" for mt in methods]) + " | client p50 |",
               "|---:|" + "---:|" * (len(stage_keys) + len(methods) + 1)]
     for s in with_server:
         st = s["server"]["stages"]
         cells = [_fmt(st[k]["mean_ms"], 3) if k in st else "-" for k in stage_keys]
         cells += [_fmt(s["server"]["request_ms"].get(mt), 3) for mt in methods]
-        lines.append(f"| {s['concurrency']} | " + " | ".join(cells) + f" | {_fmt(s['latency_ms'].get('p50'), 3)} |")
+        lines.append(f"| {level(s)} | " + " | ".join(cells) + f" | {_fmt(s['latency_ms'].get('p50'), 3)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -761,7 +813,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     mix = ",".join(f"{k}={v:g}" for k, v in report["mix"].items())
     d.text((left, 10), f"tandem bench: {m['name']}/{m['version']}, mix {mix}, {report['items_per_request']} item(s) "
            "per request", fill="black", font=font)
-    xs = [s["concurrency"] for s in steps]
+    xs = [s.get("rate") or s["concurrency"] for s in steps]
     lo, hi = math.log2(min(xs)), math.log2(max(xs))
     raw = report.get("raw_mix_items_per_s")
     panels = [("items/s", [s["items_per_s"] for s in steps], raw), ("p99 latency (ms)",
@@ -783,7 +835,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
             d.text((x0 - 6, py(t)), f"{t:,.{0 if t >= 10 or t == 0 else 2}f}", fill="black", font=small, anchor="rm")
         for c in xs:
             d.text((px(c), y0 + ph + 6), str(c), fill="black", font=small, anchor="mt")
-        d.text((x0 + pw / 2, y0 + ph + 24), "concurrency (clients)", fill="black", font=small, anchor="mt")
+        d.text((x0 + pw / 2, y0 + ph + 24), "requests/s sent" if steps[0].get("rate") else "concurrency (clients)",
+               fill="black", font=small, anchor="mt")
         d.rectangle((x0, y0, x0 + pw, y0 + ph), outline="black")
         if reference:
             for x in range(x0, x0 + pw, 12):
@@ -856,6 +909,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--mix", type=parse_mix, default=parse_mix("text"), metavar="KIND=W,...",
                    help="request kinds and their weights, e.g. text=3,image=1 (default text; kinds below)")
     g.add_argument("--items", type=int, default=1, metavar="N", help="items (texts, images, queries) per request (default 1)")
+    g.add_argument("--rate", type=parse_rate, default=None, metavar="R,R,...",
+                   help="open loop instead of --concurrency: send R requests/s per step whatever the answers "
+                   "(latency counted from when each was due); for latency at a given load and for overload")
     g.add_argument("--connections", type=parse_connections, default=1, metavar="N",
                    help="gRPC connections the clients are spread over (default 1: one channel, as one client app "
                    "has); several server processes on one port (tandem serve --workers) need several")

@@ -127,6 +127,8 @@ def test_a_full_queue_is_counted_as_resource_exhausted_and_the_sweep_goes_on(met
     step = json.loads(out.read_text())["steps"][0]
     assert step["errors"]["RESOURCE_EXHAUSTED"] > 0 and step["items"] > 0
     assert "max_queue_rows" in step["error_messages"]["RESOURCE_EXHAUSTED"]
+    took = step["error_latency_ms"]["RESOURCE_EXHAUSTED"]  # how fast the refusals came
+    assert 0 < took["p50"] <= took["p99"] <= took["max"]
     assert step["server"]["requests"]["EmbedImage RESOURCE_EXHAUSTED"] == step["errors"]["RESOURCE_EXHAUSTED"]
 
 
@@ -158,3 +160,19 @@ def test_raw_pixel_requests_skip_decoding(default_server, metrics_url: str, tmp_
     server = step["server"]
     assert server["batch_sizes"]["image"]["rows"] == step["items"]
     assert "image/decode" not in server["stages"] or server["stages"]["image/decode"]["count"] == 0  # nothing decoded
+
+
+def test_an_open_loop_sends_at_the_rate_whatever_the_answers(default_server, metrics_url: str, tmp_path: Path
+                                                             ) -> None:
+    out = tmp_path / "bench.json"
+    args = parse("--server", default_server.target, "--metrics-url", metrics_url, "--no-raw", "--rate", "40,80",
+                 "--duration", "1", "--warmup", "0", "--mix", "text", "--json", str(out))
+    assert bench.main(args) == 0
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["rate"] for s in steps] == [40, 80]
+    for s in steps:
+        # a request is due every 1/rate s from the start: never more than rate x duration (+ the one at t=0)
+        assert 0 < s["requests"] <= s["rate"] * 1 + 1 and s["errors"] == {}
+        assert s["server"]["requests"]["EmbedText OK"] == s["requests"]
+        assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
+
