@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "TANDEM_"
+# What a [server.model."NAME"] table of the TOML file may set for one model (docs/operations.md).
+PER_MODEL = ("max_batch_size", "max_queue_delay_us", "max_queue_rows", "model_runners", "intra_op_threads")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -108,6 +110,14 @@ class ServerConfig:
     snapshot_every_changes: int = _f(20_000, "write a collection's index snapshot after this many added or deleted "
                                      "vectors (start-up replays the writes after the last snapshot)")
     log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
+    # Only in the TOML file: [server.model."NAME"] tables of PER_MODEL settings for the model NAME.
+    model_settings: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "per-model batching and threads, from [server.model.\"NAME\"] tables of the TOML file", "toml_only": True})
+
+    def for_model(self, name: str) -> ServerConfig:
+        """This configuration with model `name`'s own settings ([server.model."NAME"]) over it."""
+        own = self.model_settings.get(name)
+        return dataclasses.replace(self, **own) if own else self
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,13 +130,34 @@ def markdown_table() -> str:
     """The settings as the table in docs/operations.md (`python -c 'import server.config as c;
     print(c.markdown_table())'`; tests/server/test_config.py checks that the docs hold it)."""
     rows = ["| field | flag | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
-    for f in fields(ServerConfig):
+    for f in _settable():
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             flag = f"{flag}` / `--no-{f.name.replace('_', '-')}"
         help_text = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| `{f.name}` | `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{json.dumps(f.default)}` | {help_text} |")
     return "\n".join(rows)
+
+
+def _settable() -> list[Any]:
+    """The fields a flag, an environment variable or a top-level TOML key sets."""
+    return [f for f in fields(ServerConfig) if not f.metadata.get("toml_only")]
+
+
+def _model_settings(tables: Any, where: str) -> dict[str, dict[str, Any]]:
+    """[server.model."NAME"] tables -> {NAME: {setting: value}}, checked."""
+    kinds = {f.name: f.type for f in fields(ServerConfig)}
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ValueError(f'{where}: "model" must hold tables, one per model: [server.model."NAME"]')
+    out = {}
+    for name, table in tables.items():
+        unknown = sorted(set(table) - set(PER_MODEL))
+        if unknown:
+            raise ValueError(f"{where}: [server.model.{json.dumps(name)}] sets {', '.join(unknown)}; a model may set "
+                             f"only {', '.join(PER_MODEL)}")
+        out[name] = {k: _convert(kinds[k], v, f"{where}: [server.model.{json.dumps(name)}] {k}")
+                     for k, v in table.items()}
+    return out
 
 
 def _convert(kind: Any, raw: Any, where: str) -> Any:
@@ -144,7 +175,7 @@ def _convert(kind: Any, raw: Any, where: str) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file ([server] table or top level)")
-    for f in fields(ServerConfig):
+    for f in _settable():
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
@@ -156,11 +187,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> ServerConfig:
     env = dict(os.environ) if env is None else env
     values: dict[str, Any] = {}
-    known = {f.name: f for f in fields(ServerConfig)}
+    known = {f.name: f for f in _settable()}
     config_file = getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG")
     if config_file:
         data = tomllib.loads(Path(config_file).read_text())
-        data = data.get("server", data)
+        data = dict(data.get("server", data))
+        if "model" in data:
+            values["model_settings"] = _model_settings(data.pop("model"), config_file)
         for key, raw in data.items():
             if key not in known:
                 raise ValueError(f"{config_file}: unknown setting {key!r}; known: {', '.join(known)}")
@@ -176,17 +209,19 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
                          + ("tls_cert" if config.tls_cert else "tls_key"))
     if config.tls_client_ca and not config.tls_cert:
         raise ValueError("tls_client_ca (mTLS) needs TLS on: set tls_cert and tls_key too")
-    for name in ("model_runners", "max_batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.intra_op_threads < 0:
-        raise ValueError(f"intra_op_threads must be 0 (the cores shared by model_runners) or more, "
-                         f"got {config.intra_op_threads}")
+    for model, each in [("", config)] + [(n, config.for_model(n)) for n in config.model_settings]:
+        where = f' (model "{model}")' if model else ""
+        for name in ("model_runners", "max_batch_size"):
+            if getattr(each, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(each, name)}{where}")
+        if each.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be 0 (the cores shared by model_runners) or more, "
+                             f"got {each.intra_op_threads}{where}")
+        if each.max_items_per_request > each.max_queue_rows:
+            raise ValueError(f"max_items_per_request ({each.max_items_per_request}) must not exceed max_queue_rows "
+                             f"({each.max_queue_rows}){where}, or large requests could never be queued")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
-    if config.max_items_per_request > config.max_queue_rows:
-        raise ValueError(f"max_items_per_request ({config.max_items_per_request}) must not exceed max_queue_rows "
-                         f"({config.max_queue_rows}), or large requests could never be queued")
     if config.max_items_per_request > config.max_inflight_items:
         raise ValueError(f"max_items_per_request ({config.max_items_per_request}) must not exceed max_inflight_items "
                          f"({config.max_inflight_items}), or large requests could never be admitted")

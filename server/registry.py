@@ -164,7 +164,7 @@ class Registry:
         towers = {}
         for tower, path in (("image", bundle.image_path), ("text", bundle.text_path)):
             if path is not None:
-                towers[tower] = Tower(path, self._providers, m.precision, self.intra_op_threads,
+                towers[tower] = Tower(path, self._providers, m.precision, self.intra_op_threads(m.name),
                                       self.config.inter_op_threads, spinning=self.config.ort_spinning)
         return LoadedModel(
             bundle=bundle,
@@ -175,19 +175,19 @@ class Registry:
             labels=LabelCache(self.config.label_cache_bytes, self.config.label_cache_size),
         )
 
-    @property
-    def intra_op_threads(self) -> int:
+    def intra_op_threads(self, model: str) -> int:
         """Threads per ONNX Runtime run: as configured, or the CPUs this process may use shared by the runners
         (0, ONNX Runtime's own default of all physical cores, when that is one runner on an unrestricted machine)."""
-        if self.config.intra_op_threads:
-            return self.config.intra_op_threads
+        c = self.config.for_model(model)
+        if c.intra_op_threads:
+            return c.intra_op_threads
         cores = usable_cores()
-        if self.config.model_runners == 1 and cores == os.cpu_count():
+        if c.model_runners == 1 and cores == os.cpu_count():
             return 0
-        return max(1, cores // self.config.model_runners)
+        return max(1, cores // c.model_runners)
 
     def _batcher(self, tower: Tower, name: str, kind: str) -> Batcher:
-        c = self.config
+        c = self.config.for_model(name)  # [server.model."NAME"] settings over the server's
         # Wait max_queue_delay_us for company only while more requests are in flight than are queued here:
         # a lone request runs at once instead of waiting out the delay for nobody.
         return Batcher(tower, self.inference_pool, c.max_batch_size, c.max_queue_delay_us, c.max_queue_rows,

@@ -253,3 +253,22 @@ def test_raw_pixels_embed_and_classify_as_the_same_image_sent_as_png(tiny_server
             assert c.classify(rgb, labels, top_k=3) == c.classify(pngs, labels, top_k=3)
         with pytest.raises(ValueError, match="uint8 array"):
             c.embed_image(rgb.astype(np.float32))
+
+
+def test_a_model_s_own_max_batch_size_splits_its_runs() -> None:
+    """[server.model."tandem-shapes"] max_batch_size = 1: three texts of one request take three runs."""
+    from prometheus_client import REGISTRY
+
+    from tests.conftest import SHIPPED_MODELS, start_server
+
+    def runs() -> float:
+        return REGISTRY.get_sample_value("tandem_batch_size_count", {"model": "tandem-shapes", "tower": "text"}) or 0.0
+
+    server = start_server(SHIPPED_MODELS, model_settings={"tandem-shapes": {"max_batch_size": 1}})
+    try:
+        with TandemClient(server.target) as c:
+            before = runs()
+            assert c.embed_text(["a red circle", "a blue square", "a green cross"]).embeddings.shape[0] == 3
+            assert runs() == before + 3
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -55,7 +56,8 @@ def test_every_field_has_help_and_a_flag() -> None:
     text = p.format_help()
     for f in cfg.fields(cfg.ServerConfig):
         assert f.metadata["help"]
-        assert "--" + f.name.replace("_", "-") in text
+        # every field but the per-model tables, which only the TOML file holds
+        assert ("--" + f.name.replace("_", "-") in text) != bool(f.metadata.get("toml_only")), f.name
 
 
 def test_items_per_request_must_fit_the_queue() -> None:
@@ -105,3 +107,33 @@ def test_model_runners_and_threads_are_checked() -> None:
         cfg.load(None, {"TANDEM_MODEL_RUNNERS": "0"})
     with pytest.raises(ValueError, match="intra_op_threads"):
         cfg.load(None, {"TANDEM_INTRA_OP_THREADS": "-1"})
+
+
+def test_a_model_may_have_its_own_batching_and_threads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    toml = tmp_path / "server.toml"
+    toml.write_text('[server]\nmax_batch_size = 16\n\n[server.model."vit-b-32"]\nmax_batch_size = 64\n'
+                    'model_runners = 2\nintra_op_threads = 8\n')
+    config = cfg.load(argparse.Namespace(config=str(toml)), {})
+    big, other = config.for_model("vit-b-32"), config.for_model("tandem-shapes")
+    assert (big.max_batch_size, big.model_runners, big.intra_op_threads) == (64, 2, 8)
+    assert (other.max_batch_size, other.model_runners, other.intra_op_threads) == (16, 1, 0)
+    assert "model-settings" not in " ".join(_flags())  # the tables are the TOML file's only
+
+
+def _flags() -> list[str]:
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser)
+    return [a for action in parser._actions for a in action.option_strings]
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('[server.model."m"]\nport = 1\n', 'sets port; a model may set only max_batch_size'),
+    ('[server.model."m"]\nmodel_runners = 0\n', 'model_runners must be at least 1, got 0 (model "m")'),
+    ('[server.model."m"]\nmax_batch_size = "big"\n', "max_batch_size: expected int, got 'big'"),
+    ('[server]\nmodel = 3\n', 'must hold tables, one per model'),
+])
+def test_bad_model_tables_are_refused_with_the_reason(tmp_path, table: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    toml = tmp_path / "server.toml"
+    toml.write_text(table)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg.load(argparse.Namespace(config=str(toml)), {})
