@@ -277,22 +277,8 @@ async def run_load(calls: Calls | list[Calls], plan: Plan, concurrency: int, sec
 
     per_connection = calls if isinstance(calls, list) else [calls]
 
-    async def client(i: int, seed: int) -> None:
-        by_kind = per_connection[i % len(per_connection)].by_kind
-        r = random.Random(seed)
-        while clock() < stop_at:
-            kind = r.choices(kinds, weights)[0] if len(kinds) > 1 else kinds[0]
-            request = r.choice(plan.requests[kind])
-            started = clock()
-            try:
-                await by_kind[kind](request, timeout=timeout_s)
-                code = "OK"
-            except grpc.aio.AioRpcError as e:
-                code = e.code().name
-                messages.setdefault(code, e.details() or "")
-            samples.append((kind, clock() - started, code))
-
     async def one(by_kind: dict[str, Any], kind: str, request: Any, due: float) -> None:
+        """Send one request; its latency counts from `due` (when it was sent, or when it should have been)."""
         try:
             await by_kind[kind](request, timeout=timeout_s)
             code = "OK"
@@ -300,6 +286,13 @@ async def run_load(calls: Calls | list[Calls], plan: Plan, concurrency: int, sec
             code = e.code().name
             messages.setdefault(code, e.details() or "")
         samples.append((kind, clock() - due, code))
+
+    async def client(i: int, seed: int) -> None:
+        by_kind = per_connection[i % len(per_connection)].by_kind
+        r = random.Random(seed)
+        while clock() < stop_at:
+            kind = r.choices(kinds, weights)[0] if len(kinds) > 1 else kinds[0]
+            await one(by_kind, kind, r.choice(plan.requests[kind]), clock())
 
     async def open_loop(rate: float) -> None:
         r, in_flight, sent = random.Random(rng.getrandbits(32)), set(), 0
