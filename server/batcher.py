@@ -212,15 +212,14 @@ class Batcher:
                 # Idle: wait for company while some is coming, but never past the oldest request's deadline.
                 # With a run in progress the next batch starts at once: it fills while the other runs.
                 deadline = self._queue[0].enqueued + self.max_queue_delay_s
-                while (self._queue and self._queued_rows < self.max_batch_size and not self._runs
+                # (Only this worker starts runs, so none can start while it waits here.)
+                while (self._queue and self._queued_rows < self.max_batch_size
                        and self._company_coming(self._held) and (wait := deadline - time.perf_counter()) > 0):
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), wait)
                     except TimeoutError:
                         break
-                if len(self._runs) >= self.runners:
-                    continue
             taken = self._take_batch()
             metrics.QUEUE_ROWS.labels(*self._labels).set(self._queued_rows)
             if not taken:  # nothing queued, or all of it expired

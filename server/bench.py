@@ -334,7 +334,7 @@ def summarise(load: Load, items_per_request: int) -> dict[str, Any]:
     by_kind = {}
     for kind in sorted({k for k, _ in ok}):
         lat = [s for k, s in ok if k == kind]
-        per = 1 if kind == "health" else items_per_request  # a health check has no items: one a request
+        per = items_per_request if TOWER[kind] else 1  # a call that runs no model (health) counts one item
         by_kind[kind] = {"requests": len(lat), "items": len(lat) * per,
                          "items_per_s": len(lat) * per / load.elapsed_s, "latency_ms": percentiles_ms(lat)}
     errors = Counter(code for _, _, code in load.samples if code != "OK")
@@ -612,8 +612,7 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 256 << 20),
                ("grpc.use_local_subchannel_pool", 1)]  # each channel its own TCP connection
-    # The extra connections: SO_REUSEPORT server processes (tandem serve --workers) and load balancers spread
-    # connections, not requests.
+    # The extra connections: load balancers and proxies spread connections, not requests.
     extra = [grpc.aio.insecure_channel(args.server, options=options) for _ in range(args.connections - 1)]
     async with grpc.aio.insecure_channel(args.server, options=options) as channel:
         model = await _connect(args, channel)
@@ -907,7 +906,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "(latency counted from when each was due); for latency at a given load and for overload")
     g.add_argument("--connections", type=parse_connections, default=1, metavar="N",
                    help="gRPC connections the clients are spread over (default 1: one channel, as one client app "
-                   "has); several server processes on one port (tandem serve --workers) need several")
+                   "has); a load balancer in front of several servers spreads connections, not requests")
     g.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured seconds per step (default 10)")
     g.add_argument("--warmup", type=float, default=2.0, metavar="S",
                    help="seconds of load before each step's measurement, not counted (default 2)")
