@@ -56,7 +56,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("tandem.server").debug("start-up failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    _exit_now_if_still_loading()
     return 0
+
+
+def _exit_now_if_still_loading() -> None:
+    """SIGTERM during start-up leaves the bundle being loaded to its daemon thread. That thread may be inside
+    ONNX Runtime building a session, and C++ code running on while the interpreter and the libraries' static
+    objects are torn down aborted the process (std::terminate, SIGABRT, about 1 stop in 15). Nothing of that
+    model was ever served and every collection write is already in SQLite, so end the process here, with
+    the logs flushed and exit status 0, the way the stop was asked for."""
+    from .registry import loading_in_background
+
+    if loading_in_background():
+        logging.getLogger("tandem.server").info("stopped (a model that was still loading is abandoned)")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -42,9 +42,18 @@ def health_name(name: str, version: str) -> str:
     return f"tandem.model/{name}/{version}"
 
 
+LOADER_PREFIX = "load-"
+
+
+def loading_in_background() -> bool:
+    """Whether a thread of in_daemon_thread is still at work (a start-up stopped mid-load left it running)."""
+    return any(t.name.startswith(LOADER_PREFIX) and t.is_alive() for t in threading.enumerate())
+
+
 async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) in a thread of its own. A daemon thread, unlike an executor's: one stuck loading a bundle
-    (a slow disk, a huge model) does not hold up the process's exit on SIGTERM."""
+    (a slow disk, a huge model) does not hold up the process's exit on SIGTERM (`tandem serve` then ends
+    the process without tearing the interpreter down under it: server/cli.py)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -64,7 +73,7 @@ async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(deliver, result, error)
 
-    threading.Thread(target=work, name=f"load-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    threading.Thread(target=work, name=f"{LOADER_PREFIX}{getattr(fn, '__name__', 'fn')}", daemon=True).start()
     return await future
 
 
