@@ -92,6 +92,10 @@ class Batcher:
         metrics.QUEUE_REJECTED.labels(*labels)
         metrics.QUEUE_EXPIRED.labels(*labels)
         metrics.QUEUE_ROWS.labels(*labels).set(0)
+        # The series every run observes, looked up once (labels() takes a lock and builds a key each call).
+        self._batch_size = metrics.BATCH_SIZE.labels(*labels)
+        self._queue_seconds = metrics.STAGE_SECONDS.labels("queue", *labels)
+        self._inference_seconds = metrics.STAGE_SECONDS.labels("inference", *labels)
 
     def start(self) -> None:
         if self._task is None:
@@ -118,7 +122,7 @@ class Batcher:
 
     def _ran(self, seconds: float) -> None:
         self._recent_runs.append(seconds)
-        metrics.STAGE_SECONDS.labels("inference", *self._labels).observe(seconds)
+        self._inference_seconds.observe(seconds)
 
     @property
     def quick_run_s(self) -> float:
@@ -134,8 +138,8 @@ class Batcher:
     def run_inline(self, rows: np.ndarray) -> np.ndarray:
         """Run `rows` at once in the calling thread (the event loop), skipping the queue and the thread hop.
         Only for a lone caller of a run known to be short (see quick_run_s): the loop serves no one meanwhile."""
-        metrics.BATCH_SIZE.labels(*self._labels).observe(len(rows))
-        metrics.STAGE_SECONDS.labels("queue", *self._labels).observe(0.0)  # every run's rows have a queue time
+        self._batch_size.observe(len(rows))
+        self._queue_seconds.observe(0.0)  # every run's rows have a queue time
         started = time.perf_counter()
         out = self._run(rows)
         self._ran(time.perf_counter() - started)
@@ -227,11 +231,11 @@ class Batcher:
             now = time.perf_counter()
             for p, start, _ in taken:
                 if start == 0:
-                    metrics.STAGE_SECONDS.labels("queue", *self._labels).observe(now - p.enqueued)
+                    self._queue_seconds.observe(now - p.enqueued)
             batch = np.concatenate([p.rows[a:b] for p, a, b in taken]) if len(taken) > 1 else taken[0][0].rows[
                 taken[0][1] : taken[0][2]
             ]
-            metrics.BATCH_SIZE.labels(*self._labels).observe(len(batch))
+            self._batch_size.observe(len(batch))
             run = loop.run_in_executor(self._executor, self._timed_run, batch)
             self._runs[run] = taken
             run.add_done_callback(self._finished)

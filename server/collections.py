@@ -30,7 +30,7 @@ from index.metadata import MetadataError, canonical_json
 from index.metadata import loads as metadata_loads
 from index.store import Put, StoreFull
 
-from . import metrics, wire
+from . import hitwire, metrics, wire
 from .batcher import Batcher
 from .config import ServerConfig
 from .errors import ApiError, Code, alone, failed_precondition, invalid, not_found, rpc
@@ -60,17 +60,17 @@ def observe(c: Collection | None, name: str = "") -> None:
 
 
 class HitCache:
-    """rowid -> (item id, metadata as serialized google.protobuf.Struct) of recent hits, least recently used first
-    out, bounded in bytes. A rowid's id and metadata never change (an upsert of the same id gets a new rowid, and
-    rowids are never reused), so entries never go stale. A hit found here costs no SQLite lookup (10 hits: 40-50
-    us) and no JSON -> Struct conversion (~7 us a hit in Python; copying the bytes in costs 1 us)."""
+    """rowid -> a hit's fixed parts, the item's id and metadata fields encoded for the wire (server/hitwire.py),
+    of recent hits, least recently used first out, bounded in bytes. A rowid's id and metadata never change (an
+    upsert of the same id gets a new rowid, and rowids are never reused), so entries never go stale. A hit found
+    here costs no SQLite lookup (10 hits: 40-50 us) and no metadata encoding."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self._entries: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def lookup(self, rowids: Sequence[int]) -> dict[int, tuple[str, bytes]]:
+    def lookup(self, rowids: Sequence[int]) -> dict[int, tuple[bytes, bytes]]:
         """The cached entries among `rowids` (marked recently used)."""
         found = {}
         with self._lock:
@@ -81,8 +81,8 @@ class HitCache:
                     found[r] = entry
         return found
 
-    def add(self, rowid: int, item_id: str, metadata_json: str) -> tuple[str, bytes]:
-        entry = (item_id, _struct(metadata_json).SerializeToString())
+    def add(self, rowid: int, item_id: str, metadata_json: str) -> tuple[bytes, bytes]:
+        entry = hitwire.item_fields(item_id, metadata_loads(metadata_json))
         with self._lock:
             if rowid not in self._entries:
                 self._entries[rowid] = entry
@@ -93,7 +93,7 @@ class HitCache:
         return entry
 
 
-def _entry_bytes(entry: tuple[str, bytes]) -> int:
+def _entry_bytes(entry: tuple[bytes, bytes]) -> int:
     return len(entry[0]) + len(entry[1]) + ENTRY_OVERHEAD
 
 
@@ -199,12 +199,16 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             return invalid(str(e))
         if x.shape != (1, dim):
             return invalid(f"{what} is {x.shape[0]} x {x.shape[1]}; this collection takes one row of dim {dim}")
-        if not np.isfinite(x).all():
+        v = x[0].astype(np.float32)
+        # NaN and infinities fail this length check too (float64 squares of float32 numbers never overflow):
+        # one check instead of two on every vector, a batch-1 search paying for each array call.
+        squared = float(np.dot(v.astype(np.float64), v))
+        if squared <= MAX_NORM * MAX_NORM:
+            return v
+        if not math.isfinite(squared):
             return invalid(f"{what} has NaN or infinite values")
-        if not np.linalg.norm(x.astype(np.float64)) <= MAX_NORM:
-            return invalid(f"{what} has length {np.linalg.norm(x.astype(np.float64)):.3g}, over {MAX_NORM:g}: "
-                           "float32 scores of it would overflow; scale it down")
-        return x[0].astype(np.float32)
+        return invalid(f"{what} has length {math.sqrt(squared):.3g}, over {MAX_NORM:g}: float32 scores of it "
+                       "would overflow; scale it down")
 
     async def _embed(self, m: LoadedModel, texts: dict[int, str], images: dict[int, bytes], labels: dict[int, str]
                      ) -> dict[int, np.ndarray | ApiError]:
@@ -344,6 +348,14 @@ class CollectionsService(pb_grpc.CollectionsServicer):
 
     # -- search ------------------------------------------------------------------------
     async def _query_vectors(self, c: Collection, m: LoadedModel, queries: Sequence[pb.Query]) -> np.ndarray:
+        if len(queries) == 1 and len(terms := queries[0].terms) == 1 and terms[0].WhichOneof("what") == "vector" \
+                and terms[0].weight in (0.0, 1.0):
+            # One plain vector, the common batch-1 search: the general path below without its bookkeeping (on a
+            # lone search, that cost as much as FAISS). Collection.search prepares it (normalises, for cosine).
+            v = self._vector(terms[0].vector, c.spec.dim, "queries[0].terms[0].vector")
+            if isinstance(v, ApiError):
+                raise v
+            return v[None]
         texts: dict[int, str] = {}
         images: dict[int, bytes] = {}
         plain: dict[int, np.ndarray] = {}
@@ -402,27 +414,28 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         return out.astype(np.float32)
 
     def _results(self, c: Collection, scores: np.ndarray, rowids: np.ndarray, with_metadata: bool) -> np.ndarray:
-        """One pb.QueryResult per query row (an object array), hits resolved to ids and metadata. Runs in a
-        pool thread, right after the search, so a search costs the event loop one thread hop."""
-        rows = np.unique(rowids[rowids >= 0]).tolist()
+        """One serialized QueryResult per query row (an object array of bytes), hits resolved to ids and
+        metadata. Runs in a pool thread, right after the search, so a search costs the event loop one thread
+        hop (or none: Batcher.run_inline)."""
+        rowid_lists = rowids.tolist()  # plain Python from here: a batch-1 search has 10 hits, not 10,000
+        rows = sorted({r for row in rowid_lists for r in row if r >= 0})
         cache = self._hits.get(c) or self._hits.setdefault(c, HitCache(HIT_CACHE_BYTES))
         found = cache.lookup(rows)
         if len(found) < len(rows):
             missing = [r for r in rows if r not in found]
             for r, (item_id, meta) in c.resolve(missing).items():  # deleted since the search: not there
                 found[r] = cache.add(r, item_id, meta)
-        out = np.empty(len(scores), object)
-        for qi, (row_s, row_i) in enumerate(zip(scores.tolist(), rowids.tolist())):
+        score_bytes = np.ascontiguousarray(scores, "<f4").tobytes()  # float32 scores as the Hit field holds them
+        out = np.empty(len(rowid_lists), object)
+        at = 0
+        for qi, row in enumerate(rowid_lists):
             hits = []
-            for score, r in zip(row_s, row_i):
-                if r < 0 or r not in found:
-                    continue  # padding, or deleted since the search
-                item_id, meta = found[r]
-                hit = pb.Hit(id=item_id, score=score)
-                if with_metadata:
-                    hit.metadata.MergeFromString(meta)
-                hits.append(hit)
-            out[qi] = pb.QueryResult(hits=hits)
+            for r in row:
+                entry = found.get(r)  # None: padding (-1), or deleted since the search
+                if entry is not None:
+                    hits.append(hitwire.hit(entry[0], score_bytes[at:at + 4], entry[1] if with_metadata else b""))
+                at += 4
+            out[qi] = b"".join(hits)
         return out
 
     def _batcher(self, c: Collection, k: int, with_metadata: bool) -> Batcher:
@@ -448,7 +461,8 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         return self._results(c, scores, rowids, with_metadata), was_exact
 
     @rpc("Search")
-    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """Answers a serialized SearchResponse (server/hitwire.py)."""
         c = self._collection(request.collection)
         m = self._bound_model(c)
         queries = list(request.queries)
@@ -472,7 +486,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             exact = c.exact  # read after the search: an index swapped in meanwhile is never reported exact
         else:
             results, exact = await self._off_loop(self._search, c, q, k, where, request.exact, with_metadata)
-        return pb.SearchResponse(model=_ref(m), results=list(results), exact=bool(exact))
+        return hitwire.search_response(_ref(m).SerializeToString(), results, bool(exact))
 
     async def close(self) -> None:
         await asyncio.gather(*(b.stop() for b in self._batchers.values()))

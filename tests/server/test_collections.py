@@ -3,6 +3,7 @@ exact), the bound model, durability across restarts, and every kind of bad input
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,30 @@ def test_vector_id_and_weighted_queries(shapes_server, shapes) -> None:  # type:
     assert [h.id for h in weighted] == [h.id for h in manual]
 
 
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_a_lone_vector_query_scores_as_the_general_weighted_path_does(shapes_server, metric) -> None:  # type: ignore[no-untyped-def]
+    """One plain vector takes a shortcut in the server; the same query split into weighted terms takes the
+    general path. Both must score alike, and a weight other than 1 must still count."""
+    rng = np.random.default_rng(3)
+    v, q = rng.standard_normal((20, 64)).astype(np.float32), 3 * rng.standard_normal(64).astype(np.float32)
+    with TandemClient(shapes_server.target) as c:
+        c.create_collection(f"lone-{metric}", metric=metric)
+        try:
+            c.upsert(f"lone-{metric}", [{"id": f"v{i}", "vector": v[i]} for i in range(20)])
+            plain, halves, doubled = c.search(f"lone-{metric}", q, [(0.5, q), (0.5, q)], [(2.0, q)], top_k=5)
+        finally:
+            c.drop_collection(f"lone-{metric}")
+    assert [h.id for h in plain] == [h.id for h in halves]
+    np.testing.assert_allclose([h.score for h in plain], [h.score for h in halves], rtol=1e-5, atol=1e-5)
+    plain_scores, doubled_scores = [h.score for h in plain], [h.score for h in doubled]
+    if metric == "cosine":  # the query is normalised: its length does not count
+        np.testing.assert_allclose(plain_scores, doubled_scores, rtol=1e-5)
+    elif metric == "ip":  # a query twice as long scores twice as high
+        np.testing.assert_allclose([2 * s for s in plain_scores], doubled_scores, rtol=1e-5)
+    else:  # l2: the query moved away from every item
+        assert doubled_scores != pytest.approx(plain_scores)
+
+
 def test_upsert_replaces_and_delete_removes(shapes_server) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     v = rng.standard_normal((3, 64)).astype(np.float32)
@@ -143,8 +168,9 @@ def test_hit_cache_is_bounded_in_bytes() -> None:
 
     cache = HitCache(max_bytes=10_000)
     for rowid in range(1000):
-        item_id, data = cache.add(rowid, f"item-{rowid}", f'{{"text": "{"x" * 100}", "n": {rowid}}}')
-        assert item_id == f"item-{rowid}" and pb.Hit(metadata=None).metadata.FromString(data)["n"] == rowid
+        id_field, metadata_field = cache.add(rowid, f"item-{rowid}", f'{{"text": "{"x" * 100}", "n": {rowid}}}')
+        hit = pb.Hit.FromString(id_field + metadata_field)
+        assert hit.id == f"item-{rowid}" and hit.metadata["n"] == rowid
         assert cache.bytes <= 10_000
     assert set(cache.lookup([0, 998, 999])) == {998, 999}  # the latest are still cached, the first was evicted
 
@@ -267,6 +293,32 @@ def test_bad_items_get_their_own_status_and_good_ones_are_stored(shapes_server) 
 def test_bad_searches_are_invalid(shapes_server, shapes, kwargs, message) -> None:  # type: ignore[no-untyped-def]
     with TandemClient(shapes_server.target) as c, pytest.raises(InvalidArgument, match=message):
         c.search("shapes", "x", **kwargs)
+
+
+def _with(index: int, value: float, scale: float = 1.0) -> np.ndarray:
+    v = np.full(64, scale, np.float32)
+    v[index] = value
+    return v
+
+
+@pytest.mark.parametrize("vector, message", [
+    (_with(5, np.nan), "has NaN or infinite values"),
+    (_with(63, -np.inf), "has NaN or infinite values"),
+    (np.full(64, 2e14, np.float32), r"has length 1.6e\+15, over 1e\+15"),
+    (np.full(64, 3e18, np.float32), r"has length 2.4e\+19, over 1e\+15"),  # its float32 square is infinite
+])
+def test_vectors_that_are_not_finite_or_too_long_are_refused_in_queries_and_items(shapes_server, shapes, vector, message) -> None:  # type: ignore[no-untyped-def]
+    with TandemClient(shapes_server.target) as c:
+        with pytest.raises(InvalidArgument, match=r"queries\[0\].terms\[0\].vector " + message):
+            c.search("shapes", vector)
+        c.create_collection("finite")
+        try:
+            r = c.upsert("finite", [{"id": "bad", "vector": vector}, {"id": "near-limit", "vector": np.full(
+                64, 1.2e14, np.float32)}, {"id": "fp16", "vector": np.ones(64, np.float16)}])
+            assert [x.code for x in r.results] == [3, 0, 0] and re.search(message, r.results[0].message)
+            assert c.search("finite", np.full(64, 1.2e14, np.float32), top_k=1)[0][0].id in {"near-limit", "fp16"}
+        finally:
+            c.drop_collection("finite")
 
 
 def test_query_with_wrong_dimension_or_unknown_id(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
