@@ -42,8 +42,8 @@ MAX_NORM = 1e15  # longest vector or weighted query accepted: float32 squares ov
 # A search that is the only request in flight runs on the event loop, without the thread hop (~0.1 ms, more than
 # an IVF search), when the collection's recent searches took less than this; others queue for the batcher.
 INLINE_SEARCH_MAX_S = 0.002
-HIT_CACHE_BYTES = 4 << 20  # per collection: ids and serialized metadata of recent hits (popular items come back often)
-ENTRY_OVERHEAD = 230  # bytes a cache entry costs besides its data: OrderedDict node, int key, tuple, str and bytes headers
+INLINE_CACHE_ITEMS = 16  # an Upsert of up to this many items puts them in the hit cache on the event loop
+ENTRY_OVERHEAD = 260  # bytes a cache entry costs besides its data (OrderedDict node, int key, tuple, bytes headers; tracemalloc)
 
 
 def _ref(m: LoadedModel) -> pb.ModelRef:
@@ -83,14 +83,28 @@ class HitCache:
 
     def add(self, rowid: int, item_id: str, metadata_json: str) -> tuple[bytes, bytes]:
         entry = hitwire.item_fields(item_id, metadata_loads(metadata_json))
+        self._keep([(rowid, entry)])
+        return entry
+
+    def written(self, rowids: Sequence[int], puts: Sequence[Put], removed: Sequence[int]) -> None:
+        """After a committed write: its items go in (searches soon after find them here, not in SQLite), the
+        rowids it deleted or replaced go out (they are never hits again)."""
+        entries = [(r, hitwire.item_fields(p.id, metadata_loads(p.metadata))) for r, p in zip(rowids, puts)]
         with self._lock:
-            if rowid not in self._entries:
-                self._entries[rowid] = entry
-                self.bytes += _entry_bytes(entry)
+            for r in removed:
+                if (old := self._entries.pop(r, None)) is not None:
+                    self.bytes -= _entry_bytes(old)
+        self._keep(entries)
+
+    def _keep(self, entries: Sequence[tuple[int, tuple[bytes, bytes]]]) -> None:
+        with self._lock:
+            for rowid, entry in entries:
+                if rowid not in self._entries:
+                    self._entries[rowid] = entry
+                    self.bytes += _entry_bytes(entry)
             while self.bytes > self.max_bytes and self._entries:
                 _, old = self._entries.popitem(last=False)
                 self.bytes -= _entry_bytes(old)
-        return entry
 
 
 def _entry_bytes(entry: tuple[bytes, bytes]) -> int:
@@ -112,6 +126,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         self._hits: weakref.WeakKeyDictionary[Collection, HitCache] = weakref.WeakKeyDictionary()
 
     # -- lookups ---------------------------------------------------------------------
+    def _hit_cache(self, c: Collection) -> HitCache:
+        return self._hits.get(c) or self._hits.setdefault(c, HitCache(self.config.hit_cache_bytes))
+
     def _collection(self, name: str) -> Collection:
         try:
             return self.collections.get(name)
@@ -297,7 +314,13 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 stored.append(i)
         seq = 0
         if puts:
-            seq = (await self._write(c, puts=puts)).seq
+            written = await self._write(c, puts=puts)
+            seq = written.seq
+            added = [rowid for rowid, _ in written.added]  # one per put, in order
+            if len(puts) <= INLINE_CACHE_ITEMS:
+                self._hit_cache(c).written(added, puts, written.removed)
+            else:  # encoding thousands of items would hold up the event loop; nothing waits for it
+                self.pool.submit(self._hit_cache(c).written, added, puts, written.removed)
         results = [pb.ItemResult(id=item.id, code=errors[i].code.value[0] if i in errors else 0,
                                  message=errors[i].message if i in errors else "")
                    for i, item in enumerate(items)]
@@ -327,6 +350,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         if not ids and where is None:
             raise invalid("give the ids to delete, or a filter matching the items to delete")
         w = await self._write(c, delete_ids=ids, delete_where=where)
+        self._hit_cache(c).written([], [], w.removed)
         return pb.DeleteResponse(deleted=len(w.removed), not_found=w.not_found, seq=w.seq)
 
     @rpc("Get")
@@ -419,7 +443,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         hop (or none: Batcher.run_inline)."""
         rowid_lists = rowids.tolist()  # plain Python from here: a batch-1 search has 10 hits, not 10,000
         rows = sorted({r for row in rowid_lists for r in row if r >= 0})
-        cache = self._hits.get(c) or self._hits.setdefault(c, HitCache(HIT_CACHE_BYTES))
+        cache = self._hit_cache(c)
         found = cache.lookup(rows)
         if len(found) < len(rows):
             missing = [r for r in rows if r not in found]

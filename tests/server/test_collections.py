@@ -200,6 +200,31 @@ def test_hits_found_again_are_resolved_from_the_cache_not_sqlite(shapes_server, 
     assert [(h.id, h.metadata) for h in without] == [(h.id, {}) for h in first]
 
 
+def test_items_just_written_are_found_without_sqlite_and_deleted_ones_leave_the_cache(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    v = np.random.default_rng(2).standard_normal((6, 64)).astype(np.float32)
+    with TandemClient(shapes_server.target) as client:
+        client.create_collection("fresh")
+        try:
+            c = shapes_server.server.collections.get("fresh")
+            asked: list[int] = []
+            real = c.resolve
+            c.resolve = lambda rowids: asked.extend(rowids) or real(rowids)  # type: ignore[method-assign]
+            client.upsert("fresh", [{"id": f"f{i}", "vector": v[i], "metadata": {"i": i}} for i in range(6)])
+            hits = client.search("fresh", v[4], top_k=6)[0]
+            assert hits[0].id == "f4" and hits[0].metadata == {"i": 4} and len(hits) == 6
+            assert asked == []  # every hit came from the cache its write filled
+            cache = shapes_server.server.collections_service._hit_cache(c)
+            before = cache.bytes
+            client.delete("fresh", ["f4"])
+            client.upsert("fresh", [{"id": "f3", "vector": v[3], "metadata": {"i": 33}}])  # replaces f3's row
+            assert cache.bytes < before
+            again = client.search("fresh", v[3], top_k=6)[0]
+            assert [h.id for h in again][0] == "f3" and again[0].metadata == {"i": 33} and "f4" not in \
+                [h.id for h in again] and asked == []
+        finally:
+            client.drop_collection("fresh")
+
+
 def test_lone_and_concurrent_searches_answer_the_same(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
     """A lone search runs on the event loop; concurrent ones go through the search batcher (whose batches
     tests/server/test_batcher.py checks). Both paths give the same answers."""
