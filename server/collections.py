@@ -9,6 +9,7 @@ Filtered and exact searches run on their own (their candidate sets differ).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 import weakref
@@ -48,6 +49,11 @@ ENTRY_OVERHEAD = 260  # bytes a cache entry costs besides its data (OrderedDict 
 
 def _ref(m: LoadedModel) -> pb.ModelRef:
     return pb.ModelRef(name=m.name, version=m.version)
+
+
+@functools.lru_cache(maxsize=256)
+def _ref_bytes(name: str, version: str) -> bytes:
+    return pb.ModelRef(name=name, version=version).SerializeToString()
 
 
 def observe(c: Collection | None, name: str = "") -> None:
@@ -442,7 +448,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         metadata. Runs in a pool thread, right after the search, so a search costs the event loop one thread
         hop (or none: Batcher.run_inline)."""
         rowid_lists = rowids.tolist()  # plain Python from here: a batch-1 search has 10 hits, not 10,000
-        rows = sorted({r for row in rowid_lists for r in row if r >= 0})
+        rows = {r for row in rowid_lists for r in row if r >= 0}
         cache = self._hit_cache(c)
         found = cache.lookup(rows)
         if len(found) < len(rows):
@@ -451,15 +457,10 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 found[r] = cache.add(r, item_id, meta)
         score_bytes = np.ascontiguousarray(scores, "<f4").tobytes()  # float32 scores as the Hit field holds them
         out = np.empty(len(rowid_lists), object)
-        at = 0
-        for qi, row in enumerate(rowid_lists):
-            hits = []
-            for r in row:
-                entry = found.get(r)  # None: padding (-1), or deleted since the search
-                if entry is not None:
-                    hits.append(hitwire.hit(entry[0], score_bytes[at:at + 4], entry[1] if with_metadata else b""))
-                at += 4
-            out[qi] = b"".join(hits)
+        width = 4 * scores.shape[1]
+        for qi, row in enumerate(rowid_lists):  # found.get: None for padding (-1), or deleted since the search
+            out[qi] = hitwire.query_result([found.get(r) for r in row], score_bytes[qi * width:(qi + 1) * width],
+                                           with_metadata)
         return out
 
     def _batcher(self, c: Collection, k: int, with_metadata: bool) -> Batcher:
@@ -510,7 +511,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             exact = c.exact  # read after the search: an index swapped in meanwhile is never reported exact
         else:
             results, exact = await self._off_loop(self._search, c, q, k, where, request.exact, with_metadata)
-        return hitwire.search_response(_ref(m).SerializeToString(), results, bool(exact))
+        return hitwire.search_response(_ref_bytes(m.name, m.version), results, bool(exact))
 
     async def close(self) -> None:
         await asyncio.gather(*(b.stop() for b in self._batchers.values()))

@@ -20,7 +20,7 @@ against messages it built, on generated metadata (hypothesis).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 # Tags: (field number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited, 5 fixed32).
@@ -76,9 +76,15 @@ def item_fields(item_id: str, metadata: Mapping[str, Any]) -> tuple[bytes, bytes
     return _field(_HIT_ID, item_id.encode()), _field(_HIT_METADATA, struct_bytes(metadata))
 
 
-def hit(id_field: bytes, score: bytes, metadata_field: bytes = b"") -> bytes:
-    """One QueryResult.hits entry. score: the 4 little-endian bytes of the float32 score."""
-    return _field(_RESULT_HIT, id_field + _HIT_SCORE + score + metadata_field)
+def query_result(hits: Sequence[tuple[bytes, bytes] | None], scores: bytes, with_metadata: bool) -> bytes:
+    """A serialized QueryResult. hits: item_fields() of each hit in order, None for one to leave out (padding, or
+    deleted since the search); scores: the hits' float32 scores, 4 little-endian bytes each."""
+    out = []
+    for j, fields in enumerate(hits):
+        if fields is not None:
+            body = fields[0] + _HIT_SCORE + scores[4 * j:4 * j + 4] + (fields[1] if with_metadata else b"")
+            out.append(_RESULT_HIT + varint(len(body)) + body)
+    return b"".join(out)
 
 
 def search_response(model_ref: bytes, results: Iterable[bytes], exact: bool) -> bytes:

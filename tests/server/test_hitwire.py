@@ -33,11 +33,9 @@ def as_message(item_id: str, s: float, meta: dict, with_metadata: bool) -> pb.Hi
 def test_search_responses_parse_as_the_messages_protobuf_builds(results, with_metadata, exact, name, version) -> None:  # type: ignore[no-untyped-def]
     wire_results = []
     for hits in results:
-        parts = []
-        for item_id, s, meta in hits:
-            id_field, meta_field = hitwire.item_fields(item_id, meta)
-            parts.append(hitwire.hit(id_field, np.float32(s).tobytes(), meta_field if with_metadata else b""))
-        wire_results.append(b"".join(parts))
+        fields = [hitwire.item_fields(item_id, meta) for item_id, _, meta in hits]
+        scores = np.array([s for _, s, _ in hits], "<f4").tobytes()
+        wire_results.append(hitwire.query_result([*fields, None], scores + b"\0" * 4, with_metadata))  # None: left out
     ref = pb.ModelRef(name=name, version=version)
     got = pb.SearchResponse.FromString(hitwire.search_response(ref.SerializeToString(), wire_results, exact))
     want = pb.SearchResponse(model=ref, exact=exact, results=[
@@ -53,7 +51,7 @@ def test_varints_read_back(n) -> None:  # type: ignore[no-untyped-def]
 def test_an_empty_result_and_no_metadata_are_kept_apart_from_absent_ones() -> None:
     id_field, meta_field = hitwire.item_fields("a", {})
     got = pb.SearchResponse.FromString(hitwire.search_response(
-        b"", [b"", hitwire.hit(id_field, np.float32(0.0).tobytes(), meta_field)], False))
+        b"", [b"", hitwire.query_result([(id_field, meta_field)], np.float32(0.0).tobytes(), True)], False))
     assert len(got.results) == 2 and list(got.results[0].hits) == []  # one result per query, even with no hits
     assert got.results[1].hits[0].id == "a" and got.results[1].hits[0].HasField("metadata")
     assert dict(got.results[1].hits[0].metadata) == {}
