@@ -15,7 +15,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """temp file, fsync, rename, fsync the folder: the file is either old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

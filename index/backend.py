@@ -50,9 +50,10 @@ class CollectionBackend(Protocol):
         """{rowid: (id, metadata JSON)} for the rowids still stored."""
 
     def search(self, queries: np.ndarray, k: int, where: tuple[str, list[Any]] | None = None,
-               exact: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+               exact: bool = False, wait: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores [n, k], rowids [n, k] with -1 for none, exact?); higher scores are better. `where` is a
-        compiled filter (index.filters.compile_filter)."""
+        compiled filter (index.filters.compile_filter). wait=False: raise IndexBusy at once instead of waiting
+        while a write or a snapshot holds the index (the caller is the event loop)."""
 
     def rebuild(self) -> None:
         """Compact and retrain the index from the stored items."""

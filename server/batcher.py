@@ -135,14 +135,16 @@ class Batcher:
         """Nothing queued and no run in progress."""
         return not self._queue and not self._runs
 
-    def run_inline(self, rows: np.ndarray) -> np.ndarray:
+    def run_inline(self, rows: np.ndarray, run: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """Run `rows` at once in the calling thread (the event loop), skipping the queue and the thread hop.
-        Only for a lone caller of a run known to be short (see quick_run_s): the loop serves no one meanwhile."""
+        Only for a lone caller of a run known to be short (see quick_run_s): the loop serves no one meanwhile.
+        `run`, when given, stands in for the batcher's function (one that refuses rather than waits, say); an
+        exception it raises reaches the caller and the run is not counted."""
+        started = time.perf_counter()
+        out = (run or self._run)(rows)
+        self._ran(time.perf_counter() - started)
         self._batch_size.observe(len(rows))
         self._queue_seconds.observe(0.0)  # every run's rows have a queue time
-        started = time.perf_counter()
-        out = self._run(rows)
-        self._ran(time.perf_counter() - started)
         return out
 
     async def submit(self, rows: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ Filtered and exact searches run on their own (their candidate sets differ).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import threading
@@ -24,7 +25,7 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from index.backend import CollectionBackend as Collection
-from index.collection import CollectionError, Spec
+from index.collection import CollectionError, IndexBusy, Spec
 from index.filters import FilterError, compile_filter
 from index.manager import CollectionExists, CollectionNotFound, Collections
 from index.metadata import MetadataError, canonical_json
@@ -43,7 +44,7 @@ MAX_NORM = 1e15  # longest vector or weighted query accepted: float32 squares ov
 # A search that is the only request in flight runs on the event loop, without the thread hop (~0.1 ms, more than
 # an IVF search), when the collection's recent searches took less than this; others queue for the batcher.
 INLINE_SEARCH_MAX_S = 0.002
-INLINE_CACHE_ITEMS = 16  # an Upsert of up to this many items puts them in the hit cache on the event loop
+INLINE_UPSERT_ITEMS = 16  # an Upsert of up to this many items is checked on the event loop, without a thread hop
 ENTRY_OVERHEAD = 260  # bytes a cache entry costs besides its data (OrderedDict node, int key, tuple, bytes headers; tracemalloc)
 
 
@@ -111,6 +112,11 @@ class HitCache:
             while self.bytes > self.max_bytes and self._entries:
                 _, old = self._entries.popitem(last=False)
                 self.bytes -= _entry_bytes(old)
+
+
+def _item_results(items: Sequence[pb.Item], errors: dict[int, ApiError]) -> list[pb.ItemResult]:
+    return [pb.ItemResult(id=item.id, code=errors[i].code.value[0], message=errors[i].message) if i in errors
+            else pb.ItemResult(id=item.id) for i, item in enumerate(items)]
 
 
 def _entry_bytes(entry: tuple[bytes, bytes]) -> int:
@@ -272,8 +278,32 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     async def Upsert(self, request: pb.UpsertRequest, context: grpc.aio.ServicerContext) -> pb.UpsertResponse:
         c = self._collection(request.collection)
         m = self._bound_model(c)
-        items = list(request.items)
+        items = request.items
         self.inference._check_count(len(items), "items")
+        # The per-item work of a bulk upsert (ids, metadata, vectors: ~30 us an item) runs in a pool thread:
+        # on the event loop, 4,096 items held every other client up for ~100 ms (searches' p99 111 ms while
+        # one client ingested; benchmarks in docs/benchmarks.md). Small upserts skip the thread hop.
+        inline = len(items) <= INLINE_UPSERT_ITEMS
+        errors, metadata, vectors, texts, images = \
+            self._check_items(c, items) if inline else await self._off_loop(self._check_items, c, items)
+        vectors.update(await self._embed(m, texts, images, {i: f"items[{i}]" for i in (*texts, *images)}))
+        puts, stored = self._puts(c, items, vectors, metadata, errors) if inline else \
+            await self._off_loop(self._puts, c, items, vectors, metadata, errors)
+        seq = 0
+        if puts:
+            written = await self._write(c, puts=puts)
+            seq = written.seq
+            added = [rowid for rowid, _ in written.added]  # one per put, in order
+            if inline:
+                self._hit_cache(c).written(added, puts, written.removed)
+            else:  # nothing waits for it
+                self.pool.submit(self._hit_cache(c).written, added, puts, written.removed)
+        results = _item_results(items, errors) if inline else await self._off_loop(_item_results, items, errors)
+        return pb.UpsertResponse(results=results, upserted=len(stored), seq=seq)
+
+    def _check_items(self, c: Collection, items: Sequence[pb.Item]) -> tuple[
+            dict[int, ApiError], dict[int, str], dict[int, np.ndarray | ApiError], dict[int, str], dict[int, bytes]]:
+        """(errors, canonical metadata JSON, vectors, texts, images) by item position: each item's own checks."""
         errors: dict[int, ApiError] = {}
         last: dict[str, int] = {}
         for i, item in enumerate(items):
@@ -310,27 +340,24 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 images[i] = item.image
             else:
                 errors[i] = invalid(f"items[{i}] has no content; set one of text, image or vector")
-        vectors.update(await self._embed(m, texts, images, {i: f"items[{i}]" for i in range(len(items))}))
+        return errors, metadata, vectors, texts, images
+
+    @staticmethod
+    def _puts(c: Collection, items: Sequence[pb.Item], vectors: dict[int, np.ndarray | ApiError],
+              metadata: dict[int, str], errors: dict[int, ApiError]) -> tuple[list[Put], list[int]]:
+        """The writes for the items whose vectors are good (in item order), and their positions; the rest go
+        into errors."""
         puts, stored = [], []
-        for i, v in sorted(vectors.items()):
+        good = sorted(i for i, v in vectors.items() if not isinstance(v, ApiError))
+        for i, v in vectors.items():
             if isinstance(v, ApiError):
                 errors[i] = v
-            else:
-                puts.append(Put(items[i].id, c.prepare(v[None])[0], metadata[i]))
+        if good:
+            prepared = c.prepare(np.stack([vectors[i] for i in good]))  # type: ignore[misc]
+            for i, row in zip(good, prepared):
+                puts.append(Put(items[i].id, row, metadata[i]))
                 stored.append(i)
-        seq = 0
-        if puts:
-            written = await self._write(c, puts=puts)
-            seq = written.seq
-            added = [rowid for rowid, _ in written.added]  # one per put, in order
-            if len(puts) <= INLINE_CACHE_ITEMS:
-                self._hit_cache(c).written(added, puts, written.removed)
-            else:  # encoding thousands of items would hold up the event loop; nothing waits for it
-                self.pool.submit(self._hit_cache(c).written, added, puts, written.removed)
-        results = [pb.ItemResult(id=item.id, code=errors[i].code.value[0] if i in errors else 0,
-                                 message=errors[i].message if i in errors else "")
-                   for i, item in enumerate(items)]
-        return pb.UpsertResponse(results=results, upserted=len(stored), seq=seq)
+        return puts, stored
 
     async def _write(self, c: Collection, **kw):  # type: ignore[no-untyped-def]
         try:
@@ -504,9 +531,14 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         with_metadata = not request.without_metadata
         if where is None and not request.exact:
             b = self._batcher(c, k, with_metadata)
+            results = None
             if b.idle and b.quick_run_s < INLINE_SEARCH_MAX_S and await alone():
-                results = b.run_inline(q)  # a lone, cheap search: a thread hop would cost more than FAISS
-            else:
+                # A lone, cheap search: a thread hop would cost more than FAISS. It must not wait on the event loop
+                # for a write or a snapshot holding the index (that stalled every client): then it queues instead.
+                with contextlib.suppress(IndexBusy):
+                    results = b.run_inline(q, lambda rows: self._results(
+                        c, *c.search(rows, k, wait=False)[:2], with_metadata))
+            if results is None:
                 results = await b.submit(q)
             exact = c.exact  # read after the search: an index swapped in meanwhile is never reported exact
         else:

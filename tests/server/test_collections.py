@@ -225,6 +225,36 @@ def test_items_just_written_are_found_without_sqlite_and_deleted_ones_leave_the_
             client.drop_collection("fresh")
 
 
+def test_a_lone_search_never_blocks_the_event_loop_on_a_busy_index(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+    """A lone search runs on the event loop; when a write or a snapshot holds the index it must queue for a pool
+    thread instead of waiting there, or every other client (here a health check) waits with it."""
+    import threading
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from server import errors
+
+    c = shapes_server.server.collections.get("shapes")
+    q = np.random.default_rng(8).standard_normal(64).astype(np.float32)
+    with TandemClient(shapes_server.target) as client:
+        expected = client.search("shapes", q, top_k=5)[0]  # also times a run, so the next lone one goes inline
+        found: list = []  # type: ignore[type-arg]
+        with c._lock:  # what a commit applying writes, or a snapshot, holds
+            searching = threading.Thread(target=lambda: found.append(client.search("shapes", q, top_k=5)[0]))
+            searching.start()
+            for _ in range(500):  # until the search is in its handler
+                if errors._in_flight:
+                    break
+                threading.Event().wait(0.01)
+            assert errors._in_flight == 1
+            health = health_pb2_grpc.HealthStub(shapes_server.channel())
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING  # answered while the index is still held
+            assert not found
+        searching.join(30)
+    assert [(h.id, h.score) for h in found[0]] == [(h.id, h.score) for h in expected]
+
+
 def test_lone_and_concurrent_searches_answer_the_same(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
     """A lone search runs on the event loop; concurrent ones go through the search batcher (whose batches
     tests/server/test_batcher.py checks). Both paths give the same answers."""
