@@ -17,8 +17,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .collection import Spec
+from .collection import IndexBusy, Spec
 from .store import Put, Written
+
+__all__ = ["CollectionBackend", "IndexBusy", "Put", "Spec", "Written"]
 
 
 class CollectionBackend(Protocol):

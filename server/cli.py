@@ -55,17 +55,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as e:  # start-up refused: port or data_dir in use, no model loaded ...
         logging.getLogger("tandem.server").debug("start-up failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
+        _exit_now_if_still_loading(1)
         return 1
-    _exit_now_if_still_loading()
+    _exit_now_if_still_loading(0)
     return 0
 
 
-def _exit_now_if_still_loading() -> None:
+def _exit_now_if_still_loading(status: int) -> None:
     """SIGTERM during start-up leaves the bundle being loaded to its daemon thread. That thread may be inside
     ONNX Runtime building a session, and C++ code running on while the interpreter and the libraries' static
     objects are torn down aborted the process (std::terminate, SIGABRT, about 1 stop in 15). Nothing of that
     model was ever served and every collection write is already in SQLite, so end the process here, with
-    the logs flushed and exit status 0, the way the stop was asked for."""
+    the logs flushed and the exit status it would have had."""
     from .registry import loading_in_background
 
     if loading_in_background():
@@ -73,7 +74,7 @@ def _exit_now_if_still_loading() -> None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import threading
 import weakref
@@ -25,7 +26,8 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from index.backend import CollectionBackend as Collection
-from index.collection import CollectionError, IndexBusy, Spec
+from index.backend import IndexBusy
+from index.collection import CollectionError, Spec
 from index.filters import FilterError, compile_filter
 from index.manager import CollectionExists, CollectionNotFound, Collections
 from index.metadata import MetadataError, canonical_json
@@ -38,6 +40,8 @@ from .config import ServerConfig
 from .errors import ApiError, Code, alone, failed_precondition, invalid, not_found, rpc
 from .registry import LoadedModel, Registry
 from .service import Inference
+
+log = logging.getLogger("tandem.collections")
 
 MAX_ID_CHARS = 256
 MAX_NORM = 1e15  # longest vector or weighted query accepted: float32 squares overflow past ~1.8e19
@@ -293,11 +297,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         if puts:
             written = await self._write(c, puts=puts)
             seq = written.seq
-            added = [rowid for rowid, _ in written.added]  # one per put, in order
-            if inline:
-                self._hit_cache(c).written(added, puts, written.removed)
-            else:  # nothing waits for it
-                self.pool.submit(self._hit_cache(c).written, added, puts, written.removed)
+            self._cache_written(c, [rowid for rowid, _ in written.added], puts, written.removed)  # one per put
         results = _item_results(items, errors) if inline else await self._off_loop(_item_results, items, errors)
         return pb.UpsertResponse(results=results, upserted=len(stored), seq=seq)
 
@@ -359,6 +359,23 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 stored.append(i)
         return puts, stored
 
+    def _cache_written(self, c: Collection, added: list[int], puts: list[Put], removed: list[int]) -> None:
+        """Tell the hit cache about a committed write: on the event loop when small, else in a pool thread that
+        nobody waits for. The cache only saves SQLite reads, so a failure here is logged and the write stands."""
+        cache = self._hit_cache(c)
+
+        def update() -> None:
+            try:
+                cache.written(added, puts, removed)
+            except Exception:
+                log.exception("updating the hit cache of collection %s failed (searches read SQLite instead)",
+                              c.spec.name)
+
+        if len(added) + len(removed) <= INLINE_UPSERT_ITEMS:
+            update()
+        else:
+            self.pool.submit(update)
+
     async def _write(self, c: Collection, **kw):  # type: ignore[no-untyped-def]
         try:
             return await asyncio.wrap_future(c.write(**kw))
@@ -383,7 +400,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         if not ids and where is None:
             raise invalid("give the ids to delete, or a filter matching the items to delete")
         w = await self._write(c, delete_ids=ids, delete_where=where)
-        self._hit_cache(c).written([], [], w.removed)
+        self._cache_written(c, [], [], w.removed)
         return pb.DeleteResponse(deleted=len(w.removed), not_found=w.not_found, seq=w.seq)
 
     @rpc("Get")

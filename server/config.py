@@ -109,7 +109,7 @@ class ServerConfig:
     max_metadata_bytes: int = _f(16384, "largest item metadata, as JSON bytes")
     hit_cache_bytes: int = _f(64 * 1024 * 1024, "memory per collection for the ids and metadata of items written or "
                               "found since the start, ready to answer searches without reading SQLite (about 260 "
-                              "bytes an item plus its id and metadata; least recently used out first)")
+                              "bytes an item plus its id and metadata; least recently used out first; 0: off)")
     snapshot_every_changes: int = _f(20_000, "write a collection's index snapshot after this many added or deleted "
                                      "vectors (start-up replays the writes after the last snapshot)")
     log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -223,6 +223,8 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
         if each.max_items_per_request > each.max_queue_rows:
             raise ValueError(f"max_items_per_request ({each.max_items_per_request}) must not exceed max_queue_rows "
                              f"({each.max_queue_rows}){where}, or large requests could never be queued")
+    if config.hit_cache_bytes < 0:
+        raise ValueError(f"hit_cache_bytes must be 0 (no cache) or more, got {config.hit_cache_bytes}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
     if config.max_items_per_request > config.max_inflight_items:

@@ -35,7 +35,7 @@ _double = struct.Struct("<d").pack
 
 
 def varint(n: int) -> bytes:
-    """A non-negative integer as a protobuf varint."""
+    """A length (a non-negative integer) as a protobuf varint."""
     if n < 128:
         return _ONE_BYTE[n]
     out = bytearray()

@@ -225,14 +225,16 @@ def test_items_just_written_are_found_without_sqlite_and_deleted_ones_leave_the_
             client.drop_collection("fresh")
 
 
-def test_a_lone_search_never_blocks_the_event_loop_on_a_busy_index(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
+def test_a_lone_search_never_blocks_the_event_loop_on_a_busy_index(shapes_server, shapes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A lone search runs on the event loop; when a write or a snapshot holds the index it must queue for a pool
     thread instead of waiting there, or every other client (here a health check) waits with it."""
     import threading
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from server import errors
+    from server import collections, errors
+
+    monkeypatch.setattr(collections, "INLINE_SEARCH_MAX_S", float("inf"))  # inline however slow this machine is
 
     c = shapes_server.server.collections.get("shapes")
     q = np.random.default_rng(8).standard_normal(64).astype(np.float32)
@@ -308,7 +310,12 @@ def test_empty_collection_answers_an_empty_result(shapes_server) -> None:  # typ
         c.drop_collection("empty")
 
 
-def test_bad_items_get_their_own_status_and_good_ones_are_stored(shapes_server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("where", ["event loop", "pool thread"])
+def test_bad_items_get_their_own_status_and_good_ones_are_stored(shapes_server, where, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from server import collections
+
+    # small upserts are checked on the event loop, large ones in a pool thread: both must answer alike
+    monkeypatch.setattr(collections, "INLINE_UPSERT_ITEMS", 16 if where == "event loop" else 0)
     ok = np.ones(64, np.float32)
     items = [
         {"id": "good-1", "vector": ok},

@@ -60,6 +60,11 @@ def test_every_field_has_help_and_a_flag() -> None:
         assert ("--" + f.name.replace("_", "-") in text) != bool(f.metadata.get("toml_only")), f.name
 
 
+def test_a_negative_hit_cache_is_refused() -> None:
+    with pytest.raises(ValueError, match="hit_cache_bytes must be 0"):
+        cfg.load(parse("--hit-cache-bytes", "-1"), {})
+
+
 def test_items_per_request_must_fit_the_queue() -> None:
     with pytest.raises(ValueError, match="must not exceed max_queue_rows"):
         cfg.load(parse("--max-items-per-request", "100", "--max-queue-rows", "50"), {})

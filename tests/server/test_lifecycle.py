@@ -324,8 +324,8 @@ def test_sigterm_while_loading_exits_cleanly(repo, tmp_path) -> None:  # type: i
         proc.send_signal(signal.SIGTERM)
         # stdin stays open: the load is still held when the process ends. Closing it let the loader run into
         # ONNX Runtime while the interpreter was torn down, which aborted the process now and then (SIGABRT).
+        proc.wait(timeout=30)  # its few lines of output fit the pipe
         output.extend(proc.stdout)  # type: ignore[arg-type]
-        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
