@@ -51,6 +51,9 @@ class CollectionBackend(Protocol):
     def resolve(self, rowids: Sequence[int]) -> dict[int, tuple[str, str]]:
         """{rowid: (id, metadata JSON)} for the rowids still stored."""
 
+    def newest(self, before: int, limit: int) -> list[tuple[int, str, str]]:
+        """Up to `limit` stored items (rowid, id, metadata JSON) with rowids below `before`, newest first."""
+
     def search(self, queries: np.ndarray, k: int, where: tuple[str, list[Any]] | None = None,
                exact: bool = False, wait: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores [n, k], rowids [n, k] with -1 for none, exact?); higher scores are better. `where` is a

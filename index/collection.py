@@ -272,6 +272,9 @@ class Collection:
     def resolve(self, rowids: Sequence[int]) -> dict[int, tuple[str, str]]:
         return self.store.by_rowids(rowids)
 
+    def newest(self, before: int, limit: int) -> list[tuple[int, str, str]]:
+        return self.store.newest(before, limit)
+
     # -- search ------------------------------------------------------------------------
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         """Vectors as the index holds them: unit length for cosine, float32, contiguous."""

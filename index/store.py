@@ -225,6 +225,13 @@ class Store:
                     out[item_id] = (rowid, self._vector(blob), meta)
         return out
 
+    def newest(self, before: int, limit: int) -> list[tuple[int, str, str]]:
+        """Up to `limit` items (rowid, id, metadata JSON) with rowids below `before`, newest first: a page of a
+        walk from the newest item back (before = 2**63 - 1 to start)."""
+        with self._read_lock:
+            return self._db.execute("SELECT rowid, id, metadata FROM items WHERE rowid < ? ORDER BY rowid DESC "
+                                    "LIMIT ?", (before, limit)).fetchall()
+
     def by_rowids(self, rowids: Sequence[int]) -> dict[int, tuple[str, str]]:
         """{rowid: (id, metadata JSON)} for the rowids still stored."""
         out: dict[int, tuple[str, str]] = {}

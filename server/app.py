@@ -49,6 +49,7 @@ class TandemServer:
         self.registry.health = self.health  # one service name per bundle: tandem.model/<name>/<version>
         self._poll: asyncio.Task[None] | None = None
         self._collections_open = False
+        self.cache_warming: list = []  # futures of the hit caches being filled at start-up (tests wait on them)
         options = grpc_server_options(config)
         self.server = grpc.aio.server(options=options, interceptors=[TokenAuth(self.tokens)] if self.tokens else [])
         inference = Inference(self.registry, config)
@@ -99,6 +100,7 @@ class TandemServer:
         await self.registry.start()
         await loop.run_in_executor(None, self.collections.load)
         self._collections_open = True
+        self.cache_warming = self.collections_service.warm_caches()  # in the background; searches need not wait
         for c in self.collections.all():
             observe(c)
         for c in self.collections.all():

@@ -14,10 +14,11 @@ import functools
 import logging
 import math
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -107,6 +108,19 @@ class HitCache:
                     self.bytes -= _entry_bytes(old)
         self._keep(entries)
 
+    def warm(self, c: Collection, page: int = 1000) -> int:
+        """Fill the cache from the collection's newest items back, while they fit (after a restart, so that
+        the first searches need not read SQLite hit by hit). Returns the items added."""
+        added, before = 0, 2**63 - 1
+        while rows := c.newest(before, page):
+            entries = [(r, hitwire.item_fields(item_id, metadata_loads(meta))) for r, item_id, meta in rows]
+            if self.bytes + sum(_entry_bytes(e) for _, e in entries) > self.max_bytes:
+                break  # full: evicting would only throw out what this just put in
+            self._keep(entries)
+            added, before = added + len(entries), rows[-1][0]
+            time.sleep(0)  # let the event loop have the GIL between pages
+        return added
+
     def _keep(self, entries: Sequence[tuple[int, tuple[bytes, bytes]]]) -> None:
         with self._lock:
             for rowid, entry in entries:
@@ -140,6 +154,23 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         self._batchers: dict[tuple[str, int, bool], Batcher] = {}
         # Per collection object (rowids are unique within one; a dropped and re-created name is another object).
         self._hits: weakref.WeakKeyDictionary[Collection, HitCache] = weakref.WeakKeyDictionary()
+        self._closing = False
+
+    def warm_caches(self) -> list[Future[int]]:
+        """Start filling every collection's hit cache from its store, in pool threads (at start-up)."""
+        def warm(c: Collection) -> int:
+            try:
+                n = self._hit_cache(c).warm(c)
+            except Exception:
+                if self._closing:  # the server stopped while warming: the store is closed under it
+                    return 0
+                log.exception("warming the hit cache of collection %s failed (searches read SQLite instead)",
+                              c.spec.name)
+                return 0
+            log.debug("collection %s: %d items in the hit cache", c.spec.name, n)
+            return n
+
+        return [self.pool.submit(warm, c) for c in self.collections.all()]
 
     # -- lookups ---------------------------------------------------------------------
     def _hit_cache(self, c: Collection) -> HitCache:
@@ -563,5 +594,6 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         return hitwire.search_response(_ref_bytes(m.name, m.version), results, bool(exact))
 
     async def close(self) -> None:
+        self._closing = True
         await asyncio.gather(*(b.stop() for b in self._batchers.values()))
         self.pool.shutdown(wait=False, cancel_futures=True)

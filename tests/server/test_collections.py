@@ -257,6 +257,55 @@ def test_a_lone_search_never_blocks_the_event_loop_on_a_busy_index(shapes_server
     assert [(h.id, h.score) for h in found[0]] == [(h.id, h.score) for h in expected]
 
 
+def test_the_hit_cache_is_warmed_from_the_store_newest_first_while_it_fits(tmp_path: Path) -> None:
+    from index.collection import Spec
+    from index.manager import Collections
+    from index.store import Put
+    from server.collections import HitCache
+
+    collections = Collections(tmp_path)
+    collections.claim()
+    collections.load()
+    c = collections.create(Spec.new("warm", "m", "1", "0" * 64, 4, "ip", "Flat"))
+    try:
+        c.write([Put(f"i{n}", np.ones(4, np.float32), f'{{"n": {n}}}') for n in range(2500)]).result()
+        c.write([], delete_ids=["i2499"]).result()  # deleted rows are not stored, so never cached
+        rows = {item_id: r for r, item_id, _ in c.newest(2**63 - 1, 5000)}
+        everything = HitCache(10 << 20)
+        assert everything.warm(c, page=1000) == 2499 and len(rows) == 2499
+        found = everything.lookup([rows["i0"], rows["i2498"]])
+        assert pb.Hit.FromString(b"".join(found[rows["i0"]])) == pb.Hit(id="i0", metadata={"n": 0})
+        small = HitCache(1200 * 300)  # room for about 1,200 entries: the newest whole pages, then it stops
+        assert small.warm(c, page=500) == 1000 and small.bytes <= small.max_bytes
+        assert set(small.lookup([rows["i2498"], rows["i1499"], rows["i1498"], rows["i0"]])) == \
+            {rows["i2498"], rows["i1499"]}
+    finally:
+        collections.close()
+
+
+def test_a_restarted_server_answers_its_first_searches_from_the_warmed_cache(tmp_path: Path) -> None:
+    v = np.random.default_rng(4).standard_normal((30, 64)).astype(np.float32)
+    first = start_server(SHIPPED_MODELS, data_dir=str(tmp_path / "data"))
+    try:
+        with TandemClient(first.target) as c:
+            c.create_collection("kept", metric="ip")
+            c.upsert("kept", [{"id": f"k{i}", "vector": v[i], "metadata": {"i": i}} for i in range(30)])
+    finally:
+        first.stop()
+    again = start_server(SHIPPED_MODELS, data_dir=str(tmp_path / "data"))
+    try:
+        assert [f.result(30) for f in again.server.cache_warming] == [30]
+        c = again.server.collections.get("kept")
+        asked: list[int] = []
+        real = c.resolve
+        c.resolve = lambda rowids: asked.extend(rowids) or real(rowids)  # type: ignore[method-assign]
+        with TandemClient(again.target) as client:
+            hits = client.search("kept", v[7], top_k=5)[0]
+        assert hits[0].id == "k7" and hits[0].metadata == {"i": 7} and asked == []
+    finally:
+        again.stop()
+
+
 def test_lone_and_concurrent_searches_answer_the_same(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
     """A lone search runs on the event loop; concurrent ones go through the search batcher (whose batches
     tests/server/test_batcher.py checks). Both paths give the same answers."""
