@@ -93,15 +93,19 @@ class HitCache:
                     found[r] = entry
         return found
 
+    @staticmethod
+    def _entry(item_id: str, metadata_json: str) -> tuple[bytes, bytes]:
+        return hitwire.item_fields(item_id, metadata_loads(metadata_json))
+
     def add(self, rowid: int, item_id: str, metadata_json: str) -> tuple[bytes, bytes]:
-        entry = hitwire.item_fields(item_id, metadata_loads(metadata_json))
+        entry = self._entry(item_id, metadata_json)
         self._keep([(rowid, entry)])
         return entry
 
     def written(self, rowids: Sequence[int], puts: Sequence[Put], removed: Sequence[int]) -> None:
         """After a committed write: its items go in (searches soon after find them here, not in SQLite), the
         rowids it deleted or replaced go out (they are never hits again)."""
-        entries = [(r, hitwire.item_fields(p.id, metadata_loads(p.metadata))) for r, p in zip(rowids, puts)]
+        entries = [(r, self._entry(p.id, p.metadata)) for r, p in zip(rowids, puts)]
         with self._lock:
             for r in removed:
                 if (old := self._entries.pop(r, None)) is not None:
@@ -113,7 +117,7 @@ class HitCache:
         the first searches need not read SQLite hit by hit). Returns the items added."""
         added, before = 0, 2**63 - 1
         while rows := c.newest(before, page):
-            entries = [(r, hitwire.item_fields(item_id, metadata_loads(meta))) for r, item_id, meta in rows]
+            entries = [(r, self._entry(item_id, meta)) for r, item_id, meta in rows]
             if self.bytes + sum(_entry_bytes(e) for _, e in entries) > self.max_bytes:
                 break  # full: evicting would only throw out what this just put in
             self._keep(entries)
@@ -378,17 +382,12 @@ class CollectionsService(pb_grpc.CollectionsServicer):
               metadata: dict[int, str], errors: dict[int, ApiError]) -> tuple[list[Put], list[int]]:
         """The writes for the items whose vectors are good (in item order), and their positions; the rest go
         into errors."""
-        puts, stored = [], []
-        good = sorted(i for i, v in vectors.items() if not isinstance(v, ApiError))
-        for i, v in vectors.items():
-            if isinstance(v, ApiError):
-                errors[i] = v
-        if good:
-            prepared = c.prepare(np.stack([vectors[i] for i in good]))  # type: ignore[misc]
-            for i, row in zip(good, prepared):
-                puts.append(Put(items[i].id, row, metadata[i]))
-                stored.append(i)
-        return puts, stored
+        errors.update((i, v) for i, v in vectors.items() if isinstance(v, ApiError))
+        good = sorted(i for i in vectors if i not in errors)
+        if not good:
+            return [], []
+        prepared = c.prepare(np.stack([vectors[i] for i in good]))  # type: ignore[misc]
+        return [Put(items[i].id, row, metadata[i]) for i, row in zip(good, prepared)], good
 
     def _cache_written(self, c: Collection, added: list[int], puts: list[Put], removed: list[int]) -> None:
         """Tell the hit cache about a committed write: on the event loop when small, else in a pool thread that
@@ -543,8 +542,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         b = self._batchers.get(key)
         if b is None:
             def run(q: np.ndarray) -> np.ndarray:
-                scores, rowids, _ = c.search(q, k)
-                return self._results(c, scores, rowids, with_metadata)
+                return self._search(c, q, k, None, False, with_metadata)[0]
 
             # No waiting for company: a search runs at once with whatever queued up while the last one ran
             # (text-embeddings-inference's batcher never idles either). Waiting would add the whole delay to
@@ -556,8 +554,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         return b
 
     def _search(self, c: Collection, q: np.ndarray, k: int, where: tuple[str, list] | None, exact: bool,
-                with_metadata: bool) -> tuple[np.ndarray, bool]:
-        scores, rowids, was_exact = c.search(q, k, where, exact)
+                with_metadata: bool, wait: bool = True) -> tuple[np.ndarray, bool]:
+        """(serialized QueryResults, exact?); wait=False raises IndexBusy rather than wait for the index."""
+        scores, rowids, was_exact = c.search(q, k, where, exact, wait)
         return self._results(c, scores, rowids, with_metadata), was_exact
 
     @rpc("Search")
@@ -584,8 +583,8 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 # A lone, cheap search: a thread hop would cost more than FAISS. It must not wait on the event loop
                 # for a write or a snapshot holding the index (that stalled every client): then it queues instead.
                 with contextlib.suppress(IndexBusy):
-                    results = b.run_inline(q, lambda rows: self._results(
-                        c, *c.search(rows, k, wait=False)[:2], with_metadata))
+                    results = b.run_inline(q, lambda rows: self._search(c, rows, k, None, False, with_metadata,
+                                                                         wait=False)[0])
             if results is None:
                 results = await b.submit(q)
             exact = c.exact  # read after the search: an index swapped in meanwhile is never reported exact
