@@ -58,7 +58,7 @@ class CollectionBackend(Protocol):
                exact: bool = False, wait: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores [n, k], rowids [n, k] with -1 for none, exact?); higher scores are better. `where` is a
         compiled filter (index.filters.compile_filter). wait=False: raise IndexBusy at once instead of waiting
-        while a write or a snapshot holds the index (the caller is the event loop)."""
+        while a write holds the index (the caller is the event loop)."""
 
     def rebuild(self) -> None:
         """Compact and retrain the index from the stored items."""

@@ -18,6 +18,11 @@ Index life:
   and sha256, written the same way. Start-up loads the snapshot when its hash
   is right and replays the store's writes after it; a missing or corrupt
   snapshot is logged and the index is rebuilt from the store.
+- Locking: searches and snapshots share the index (index/rwlock.py), writes
+  and swaps hold it alone. The periodic snapshot serializes the index in the
+  store's writer thread once the writers it committed have heard back, so
+  searches go on meanwhile and only writes wait; the file is written and
+  fsynced in a background thread.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import numpy as np
 from bundle.files import write_atomically
 
 from . import gpu
+from .rwlock import ReadWriteLock
 from .store import Put, Store, Written, connect
 
 log = logging.getLogger("tandem.index")
@@ -109,21 +115,27 @@ def _auto_nlist(n: int) -> int:
 
 
 class Collection:
-    """Thread-safe: searches and index updates take `_lock`; the store serialises writes."""
+    """Thread-safe: searches and snapshots share `_lock`, index updates hold it alone; the store serialises
+    writes."""
 
     def __init__(self, folder: Path, spec: Spec, snapshot_every: int = SNAPSHOT_EVERY_CHANGES, device: str = "auto"):
         """`device`: "cpu", or "auto"/"cuda" to search a GPU copy of the index when FAISS can (index/gpu.py)."""
         self.folder, self.spec, self.snapshot_every = Path(folder), spec, snapshot_every
         self._use_gpu = device != "cpu" and gpu.available()
-        self._lock = threading.RLock()
+        self._lock = ReadWriteLock()
+        self._gpu_lock = threading.Lock()  # a GPU index serves one search at a time (FAISS GPU is not thread-safe)
         self._snapshot_lock = threading.Lock()
         self._background_lock = threading.Lock()
+        self._rebuild_lock = threading.Lock()
         self._tombstones: set[int] = set()
         self._dead: np.ndarray | None = None  # the tombstones as a sorted array (built when needed)
-        self._selector: faiss.IDSelector | None = None
-        self._selector_keep: list[object] = []  # objects the selector points into
+        # (selector, the objects it points into), built by the first search that needs it; one attribute so that
+        # searches building it at once each keep their own pair alive
+        self._selector: tuple[faiss.IDSelector, list[object]] | None = None
         self.indexed_seq = 0
         self.snapshot_seq = 0
+        self._generation = 0  # counts index swaps: a snapshot of an older index never replaces a newer one's
+        self._snapshot_written = (-1, -1)  # (generation, seq) of the snapshot on disk
         self.kind = "Flat"
         self.device = "cpu"  # where unfiltered searches run: "cuda" while a GPU copy of the index exists
         self.replica: faiss.Index | None = None  # that GPU copy
@@ -133,7 +145,7 @@ class Collection:
         self._closed = False
         self.index = self._new_index("Flat")
         self.replica = self._device_copy(self.index, 0)
-        self.store = Store(self.folder / STORE_FILE, spec.dim, on_commit=self._apply)
+        self.store = Store(self.folder / STORE_FILE, spec.dim, on_commit=self._apply, after_commit=self._after_commit)
 
     # -- creation and recovery -----------------------------------------------------
     @classmethod
@@ -163,7 +175,7 @@ class Collection:
     def _recover(self) -> None:
         started = time.perf_counter()
         loaded = self._load_snapshot()
-        with self._lock:
+        with self._lock.write():
             self.replica = None  # copied to the GPU once the index is whole
             for rowids, vectors in self.store.scan(after_seq=self.snapshot_seq if loaded else 0):
                 self._add(rowids, vectors)
@@ -191,11 +203,12 @@ class Collection:
             log.warning("collection %s: snapshot unusable (%s); rebuilding the index from the store",
                         self.spec.name, e)
             return False
-        with self._lock:
+        with self._lock.write():
             self.index, self.kind = index, snap["kind"]
             self.nprobe = int(snap.get("nprobe", 0))
             self._set_nprobe()
             self.snapshot_seq = int(snap["seq"])
+            self._snapshot_written = (self._generation, self.snapshot_seq)
         return True
 
     # -- the index -------------------------------------------------------------------
@@ -228,8 +241,8 @@ class Collection:
                     index.add_with_ids(x, ids)
 
     def _apply(self, batch: list[Written]) -> None:
-        """Committed writes, in commit order (runs in the store's writer thread)."""
-        with self._lock:
+        """Committed writes, in commit order (runs in the store's writer thread, before the writers hear back)."""
+        with self._lock.write():
             for w in batch:
                 if w.added:
                     self._add(np.array([r for r, _ in w.added], np.int64), np.stack([v for _, v in w.added]))
@@ -238,24 +251,31 @@ class Collection:
                     self._selector = self._dead = None
                 self.indexed_seq = w.seq
                 self._changes_since_snapshot += len(w.added) + len(w.removed)
-        if self._changes_since_snapshot >= self.snapshot_every:
-            self._maybe_snapshot_in_background()
-        self._maybe_train_in_background()
+        self._maybe_train_in_background()  # started before the writers hear back: a test can wait for it
+
+    def _after_commit(self) -> None:
+        """In the writer thread, once the writers of a commit have heard back: snapshot when enough changed
+        (serialized here, where searches go on and only later writes wait; written to disk in the background)."""
+        if self._changes_since_snapshot >= self.snapshot_every and not self._closed and not self._busy():
+            snap = self._serialize()
+            with self._background_lock:
+                if not self._closed and not self._busy():  # a training may have started meanwhile: it snapshots
+                    self._start_background(lambda: self._write_snapshot(*snap), f"snapshot-{self.spec.name}")
 
     def _dead_ids(self) -> np.ndarray:
         if self._dead is None:
             self._dead = np.sort(np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
         return self._dead
 
-    def _alive_selector(self) -> faiss.IDSelector | None:
+    def _alive_selector(self) -> tuple[faiss.IDSelector, list[object]] | None:
+        """The selector that keeps tombstones out, with what it points into (hold both while searching)."""
         if not self._tombstones:
             return None
-        if self._selector is None:
+        if (pair := self._selector) is None:
             ids = self._dead_ids()
             batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
-            self._selector_keep = [ids, batch]
-            self._selector = faiss.IDSelectorNot(batch)
-        return self._selector
+            self._selector = pair = (faiss.IDSelectorNot(batch), [ids, batch])
+        return pair
 
     # -- items (index.backend.CollectionBackend: what the gRPC layer uses) ------------------
     def count(self) -> int:
@@ -288,7 +308,7 @@ class Collection:
     def search(self, queries: np.ndarray, k: int, where: tuple[str, list] | None = None, exact: bool = False,
                wait: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
         """(scores float32 [n, k], rowids int64 [n, k] with -1 for none, exact?). Higher scores are better.
-        wait=False (an unfiltered search only): raise IndexBusy instead of waiting for a write or snapshot."""
+        wait=False (an unfiltered search only): raise IndexBusy instead of waiting for a write to the index."""
         q = self.prepare(queries)
         # FAISS's OpenMP threads cost more than they save on a few queries: waking a second thread on busy
         # cores adds scheduler ticks (ms) to batch-1 latency. The setting is per calling thread.
@@ -302,17 +322,20 @@ class Collection:
             sel = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))
         elif exact and self._approximate:
             return (*self._exact_all(q, k), True)
-        if not self._lock.acquire(blocking=wait):
+        if not self._lock.acquire_read(blocking=wait):
             raise IndexBusy(self.spec.name)
         try:
+            alive = None
             if where is None:
                 if self.replica is not None and k + len(self._tombstones) <= gpu.MAX_K:
-                    return (*self._search_replica(q, k), not self._approximate)
-                sel = self._alive_selector()
+                    with self._gpu_lock:
+                        return (*self._search_replica(q, k), not self._approximate)
+                if (alive := self._alive_selector()) is not None:
+                    sel = alive[0]
             d, i = self.index.search(q, k, params=self._params(sel) if sel is not None else None)
             return (*self._scores(d, i), not self._approximate)
         finally:
-            self._lock.release()
+            self._lock.release_read()
 
     def _search_replica(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Search the GPU copy, which takes no IDSelector: ask for k more hits per tombstone, drop the deleted
@@ -406,11 +429,6 @@ class Collection:
             elif len(self._tombstones) >= max(COMPACT_MIN_DELETED, COMPACT_DELETED_FRACTION * self.index.ntotal):
                 self._start_background(self.rebuild, f"compact-{self.spec.name}")
 
-    def _maybe_snapshot_in_background(self) -> None:
-        with self._background_lock:
-            if not self._closed and not self._busy():
-                self._start_background(self.snapshot, f"snapshot-{self.spec.name}")
-
     def _start_background(self, fn, name: str) -> None:  # type: ignore[no-untyped-def]
         def run() -> None:
             try:
@@ -427,14 +445,19 @@ class Collection:
         """Build a fresh index from the stored items (training it if needed), swap it in, snapshot it.
 
         Writes go on meanwhile; those committed after the build started are
-        applied to the new index before the swap.
+        applied to the new index before the swap. One rebuild at a time: a
+        second one waits (two at once could each forget the other's deletions).
         """
+        with self._rebuild_lock:
+            self._rebuild(factory)
+
+    def _rebuild(self, factory: str | None) -> None:
         n = self.store.count()
         if factory is None and self.spec.index_spec == AUTO and n >= AUTO_MIN_VECTORS:
             factory = f"IVF{_auto_nlist(n)},Flat"  # lists grow with the collection
         factory = factory or (self._target_factory(n) or self.kind)
         started = time.perf_counter()
-        with self._lock:
+        with self._lock.read():
             seq0 = self.indexed_seq  # the build reads items up to here; later writes are added below
         index = self._new_index(factory)
         nprobe = 0
@@ -447,11 +470,12 @@ class Collection:
         if faiss.try_extract_index_ivf(index.index) is not None:
             nprobe = self._tune_nprobe(index, seq0)  # a factory string cannot say nprobe; FAISS's default of 1 is poor
         replica = self._device_copy(index, nprobe, factory)  # before the lock: copying to the GPU takes a while
-        with self._lock:
+        with self._lock.write():
             # Writes applied while building; those committed but not applied yet reach the new index via _apply.
             for rowids, vectors in self.store.scan(after_seq=seq0, up_to_seq=self.indexed_seq):
                 self._add(rowids, vectors, to=(index, replica))
             self.index, self.replica, self.kind, self.nprobe = index, replica, factory, nprobe
+            self._generation += 1
             self._set_nprobe()
             self._tombstones = set(self.store.deleted_after(seq0).tolist()) & self._tombstones
             self._selector = self._dead = None
@@ -493,27 +517,33 @@ class Collection:
 
     def snapshot(self) -> None:
         """Write the index and the sequence number it includes, atomically (see the module docstring)."""
-        with self._snapshot_lock:  # a Rebuild's snapshot and a background one must not interleave
-            self._snapshot()
+        self._write_snapshot(*self._serialize())
 
-    def _snapshot(self) -> None:
-        with self._lock:  # searches wait (the event loop's inline ones go to a thread): keep it short
-            seq, kind, nprobe = self.indexed_seq, self.kind, self.nprobe
-            data = faiss.serialize_index(self.index)  # uint8 array; no bytes copy (20 ms at 40 MB)
-            self._changes_since_snapshot = 0
-        name = f"index-{seq}.faiss"
-        write_atomically(self.folder / name, memoryview(data))
-        meta = {"seq": seq, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "kind": kind,
-                "nprobe": nprobe}
-        write_atomically(self.folder / SNAPSHOT_FILE, json.dumps(meta).encode())
-        for old in self.folder.glob("index-*.faiss"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
-        self.snapshot_seq = seq
+    def _serialize(self) -> tuple[int, int, str, int, np.ndarray]:
+        """(generation, seq, kind, nprobe, the serialized index): searches go on meanwhile, writes wait."""
+        with self._lock.read():
+            self._changes_since_snapshot = 0  # only writers add to it, and they are held off
+            # a uint8 array (no bytes copy: 20 ms at 40 MB)
+            return (self._generation, self.indexed_seq, self.kind, self.nprobe, faiss.serialize_index(self.index))
+
+    def _write_snapshot(self, generation: int, seq: int, kind: str, nprobe: int, data: np.ndarray) -> None:
+        with self._snapshot_lock:  # a Rebuild's snapshot and a background one must not interleave
+            if (generation, seq) <= self._snapshot_written:
+                return  # a newer index, or this one at a later point, is on disk already
+            name = f"index-{seq}-{generation}.faiss"  # a rebuild's index may be snapshotted at the same seq
+            write_atomically(self.folder / name, memoryview(data))
+            meta = {"seq": seq, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "kind": kind,
+                    "nprobe": nprobe}
+            write_atomically(self.folder / SNAPSHOT_FILE, json.dumps(meta).encode())
+            for old in self.folder.glob("index-*.faiss"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+            self._snapshot_written = (generation, seq)
+            self.snapshot_seq = seq
 
     # -- describe, close ---------------------------------------------------------------
     def describe(self) -> dict[str, object]:
-        with self._lock:
+        with self._lock.read():
             return {"count": self.store.count(), "index_kind": self.kind, "trained": self.trained, "device": self.device,
                     "exact": not self._approximate, "durable_seq": self.indexed_seq,
                     "snapshot_seq": self.snapshot_seq, "deleted_pending": len(self._tombstones)}

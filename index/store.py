@@ -89,10 +89,12 @@ def connect(path: Path) -> sqlite3.Connection:
 class Store:
     """One collection's SQLite file. Reads may come from any thread; writes go through the writer thread."""
 
-    def __init__(self, path: Path, dim: int, on_commit: Callable[[list[Written]], None] | None = None):
+    def __init__(self, path: Path, dim: int, on_commit: Callable[[list[Written]], None] | None = None,
+                 after_commit: Callable[[], None] | None = None):
         """`on_commit` runs in the writer thread after each commit and before any writer hears back,
-        in commit order: the in-memory index applies writes there, so an acknowledged write is searchable."""
-        self.path, self.dim, self.on_commit = Path(path), dim, on_commit
+        in commit order: the in-memory index applies writes there, so an acknowledged write is searchable.
+        `after_commit` runs there once they have heard back (work the next writes may wait for, but not these)."""
+        self.path, self.dim, self.on_commit, self.after_commit = Path(path), dim, on_commit, after_commit
         self._db = connect(self.path)
         self._db.executescript(SCHEMA)
         self._read_lock = threading.Lock()  # one read connection, shared
@@ -176,6 +178,11 @@ class Store:
                 return
         for job, written in zip(jobs, results):
             job.future.set_result(written)
+        if self.after_commit is not None:
+            try:
+                self.after_commit()
+            except Exception:  # a snapshot that failed (disk full, ...): the store has every write
+                log.exception("after a commit")
 
     def _apply(self, db: sqlite3.Connection, job: _Job, seq: int) -> Written:
         out = Written(seq)

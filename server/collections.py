@@ -581,7 +581,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             results = None
             if b.idle and b.quick_run_s < INLINE_SEARCH_MAX_S and await alone():
                 # A lone, cheap search: a thread hop would cost more than FAISS. It must not wait on the event loop
-                # for a write or a snapshot holding the index (that stalled every client): then it queues instead.
+                # for a write holding the index (that stalled every client): then it queues instead.
                 with contextlib.suppress(IndexBusy):
                     results = b.run_inline(q, lambda rows: self._search(c, rows, k, None, False, with_metadata,
                                                                          wait=False)[0])

@@ -121,3 +121,52 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(CollectionError, match="leave out IDMap"):
         cs.create(spec("IDMap,Flat"))
     assert cs.all() == [] and [p.name for p in (tmp_path / "collections").iterdir()] == []
+
+
+def test_searches_go_on_while_a_snapshot_serializes_the_index(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The periodic snapshot serializes the index in the writer thread after the writers heard back, sharing
+    the lock with searches: a search that must not wait (wait=False, as on the event loop) still runs."""
+    import faiss
+
+    serializing, searched = threading.Event(), threading.Event()
+    serialize = faiss.serialize_index
+
+    def slow_serialize(index):  # type: ignore[no-untyped-def]
+        serializing.set()
+        searched.wait(30)  # held until the search below has run
+        return serialize(index)
+
+    monkeypatch.setattr(faiss, "serialize_index", slow_serialize)
+    c = Collection.create(tmp_path / "c", spec("Flat"))
+    c.snapshot_every = 100
+    x = vectors(150)
+    put_all(c, x)  # 150 changes >= 100: acknowledged, then snapshotted
+    assert serializing.wait(30)
+    _, rowids, _ = c.search(x[:1], 1, wait=False)  # raised IndexBusy when a snapshot held the index alone
+    searched.set()
+    assert c.store.by_rowids([int(rowids[0, 0])])[int(rowids[0, 0])][0] == "v0"
+    for _ in range(3000):  # the snapshot is written in a background thread
+        if c.snapshot_seq == 1:
+            break
+        time.sleep(0.01)
+    assert c.snapshot_seq == 1 and (tmp_path / "c" / "snapshot.json").exists()
+    c.close()
+
+
+def test_a_late_snapshot_of_a_replaced_index_never_overwrites_the_rebuilt_one(tmp_path: Path) -> None:
+    """A snapshot serialized just before a rebuild swapped its index in, and written after the rebuild's own
+    snapshot, must be dropped: the rebuild forgets the deletions its index no longer holds, so the old index
+    on disk would bring deleted items back after a restart."""
+    c = Collection.create(tmp_path / "c", spec("Flat"))
+    x = vectors(20)
+    put_all(c, x)
+    c.store.write(delete_ids=[f"v{i}" for i in range(10)]).result()
+    late = c._serialize()  # the old index: 20 vectors, 10 of them tombstones
+    c.rebuild()  # 10 vectors; snapshot written; the 10 deletions forgotten
+    c._write_snapshot(*late)  # the background thread writing its copy only now
+    c.close()
+    reopened = Collection.open(tmp_path / "c")
+    _, rowids, _ = reopened.search(x, 1)
+    found = reopened.store.by_rowids([int(r) for r in rowids[:, 0]])
+    assert reopened.index.ntotal == 10 and sorted(i for i, _ in found.values()) == [f"v{i}" for i in range(10, 20)]
+    reopened.close()

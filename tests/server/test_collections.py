@@ -241,7 +241,7 @@ def test_a_lone_search_never_blocks_the_event_loop_on_a_busy_index(shapes_server
     with TandemClient(shapes_server.target) as client:
         expected = client.search("shapes", q, top_k=5)[0]  # also times a run, so the next lone one goes inline
         found: list = []  # type: ignore[type-arg]
-        with c._lock:  # what a commit applying writes, or a snapshot, holds
+        with c._lock.write():  # what a commit applying writes holds
             searching = threading.Thread(target=lambda: found.append(client.search("shapes", q, top_k=5)[0]))
             searching.start()
             for _ in range(500):  # until the search is in its handler
