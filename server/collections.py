@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -50,7 +51,7 @@ MAX_NORM = 1e15  # longest vector or weighted query accepted: float32 squares ov
 # an IVF search), when the collection's recent searches took less than this; others queue for the batcher.
 INLINE_SEARCH_MAX_S = 0.002
 INLINE_UPSERT_ITEMS = 16  # an Upsert of up to this many items is checked on the event loop, without a thread hop
-ENTRY_OVERHEAD = 260  # bytes a cache entry costs besides its data (OrderedDict node, int key, tuple, bytes headers; tracemalloc)
+ENTRY_OVERHEAD = 320  # bytes a cache entry costs besides its data (OrderedDict node, (collection, rowid) key, tuple, bytes headers; tracemalloc)
 
 
 def _ref(m: LoadedModel) -> pb.ModelRef:
@@ -72,24 +73,34 @@ def observe(c: Collection | None, name: str = "") -> None:
 
 
 class HitCache:
-    """rowid -> a hit's fixed parts, the item's id and metadata fields encoded for the wire (server/hitwire.py),
-    of recent hits, least recently used first out, bounded in bytes. A rowid's id and metadata never change (an
-    upsert of the same id gets a new rowid, and rowids are never reused), so entries never go stale. A hit found
-    here costs no SQLite lookup (10 hits: 40-50 us) and no metadata encoding."""
+    """(collection, rowid) -> a hit's fixed parts, the item's id and metadata fields encoded for the wire
+    (server/hitwire.py), for the items written or found since the start, of every collection of the server: one
+    budget in bytes (hit_cache_bytes), least recently used out first. A collection is a number from `tag()`, never
+    reused, so a dropped collection's entries are never read again and go out first. A rowid's id and metadata
+    never change (an upsert of the same id gets a new rowid, and rowids are never reused), so entries never go
+    stale. A hit found here costs no SQLite lookup (10 hits: 40-50 us) and no metadata encoding."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self._entries: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int], tuple[bytes, bytes]] = OrderedDict()
         self._lock = threading.Lock()
+        self._tags = itertools.count()
 
-    def lookup(self, rowids: Sequence[int]) -> dict[int, tuple[bytes, bytes]]:
-        """The cached entries among `rowids` (marked recently used)."""
+    def tag(self) -> int:
+        """A new collection's number."""
+        return next(self._tags)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, tag: int, rowids: Sequence[int]) -> dict[int, tuple[bytes, bytes]]:
+        """The cached entries among collection `tag`'s `rowids`, by rowid (marked recently used)."""
         found = {}
         with self._lock:
             for r in rowids:
-                entry = self._entries.get(r)
+                entry = self._entries.get((tag, r))
                 if entry is not None:
-                    self._entries.move_to_end(r)
+                    self._entries.move_to_end((tag, r))
                     found[r] = entry
         return found
 
@@ -97,39 +108,41 @@ class HitCache:
     def _entry(item_id: str, metadata_json: str) -> tuple[bytes, bytes]:
         return hitwire.item_fields(item_id, metadata_loads(metadata_json))
 
-    def add(self, rowid: int, item_id: str, metadata_json: str) -> tuple[bytes, bytes]:
+    def add(self, tag: int, rowid: int, item_id: str, metadata_json: str) -> tuple[bytes, bytes]:
         entry = self._entry(item_id, metadata_json)
-        self._keep([(rowid, entry)])
+        self._keep([((tag, rowid), entry)])
         return entry
 
-    def written(self, rowids: Sequence[int], puts: Sequence[Put], removed: Sequence[int]) -> None:
-        """After a committed write: its items go in (searches soon after find them here, not in SQLite), the
-        rowids it deleted or replaced go out (they are never hits again)."""
-        entries = [(r, self._entry(p.id, p.metadata)) for r, p in zip(rowids, puts)]
+    def written(self, tag: int, rowids: Sequence[int], puts: Sequence[Put], removed: Sequence[int]) -> None:
+        """After a committed write to collection `tag`: its items go in (searches soon after find them here, not
+        in SQLite), the rowids it deleted or replaced go out (they are never hits again)."""
+        entries = [((tag, r), self._entry(p.id, p.metadata)) for r, p in zip(rowids, puts)]
         with self._lock:
             for r in removed:
-                if (old := self._entries.pop(r, None)) is not None:
+                if (old := self._entries.pop((tag, r), None)) is not None:
                     self.bytes -= _entry_bytes(old)
         self._keep(entries)
 
-    def warm(self, c: Collection, page: int = 1000) -> int:
-        """Fill the cache from the collection's newest items back, while they fit (after a restart, so that
-        the first searches need not read SQLite hit by hit). Returns the items added."""
-        added, before = 0, 2**63 - 1
+    def warm(self, tag: int, c: Collection, share: int, page: int = 1000) -> int:
+        """Fill the cache with collection `tag`'s newest items back, while they fit in `share` bytes and in the
+        whole budget (after a restart, so that the first searches need not read SQLite hit by hit). Returns the
+        items added."""
+        added, used, before = 0, 0, 2**63 - 1
         while rows := c.newest(before, page):
-            entries = [(r, self._entry(item_id, meta)) for r, item_id, meta in rows]
-            if self.bytes + sum(_entry_bytes(e) for _, e in entries) > self.max_bytes:
-                break  # full: evicting would only throw out what this just put in
+            entries = [((tag, r), self._entry(item_id, meta)) for r, item_id, meta in rows]
+            size = sum(_entry_bytes(e) for _, e in entries)
+            if used + size > share or self.bytes + size > self.max_bytes:
+                break  # full: evicting would only throw out what warming just put in
             self._keep(entries)
-            added, before = added + len(entries), rows[-1][0]
+            added, used, before = added + len(entries), used + size, rows[-1][0]
             time.sleep(0)  # let the event loop have the GIL between pages
         return added
 
-    def _keep(self, entries: Sequence[tuple[int, tuple[bytes, bytes]]]) -> None:
+    def _keep(self, entries: Sequence[tuple[tuple[int, int], tuple[bytes, bytes]]]) -> None:
         with self._lock:
-            for rowid, entry in entries:
-                if rowid not in self._entries:
-                    self._entries[rowid] = entry
+            for key, entry in entries:
+                if key not in self._entries:
+                    self._entries[key] = entry
                     self.bytes += _entry_bytes(entry)
             while self.bytes > self.max_bytes and self._entries:
                 _, old = self._entries.popitem(last=False)
@@ -156,15 +169,23 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         self.registry, self.collections, self.config, self.inference = registry, collections, config, inference
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="index")
         self._batchers: dict[tuple[str, int, bool], Batcher] = {}
-        # Per collection object (rowids are unique within one; a dropped and re-created name is another object).
-        self._hits: weakref.WeakKeyDictionary[Collection, HitCache] = weakref.WeakKeyDictionary()
+        self.hits = HitCache(config.hit_cache_bytes)  # one budget for all collections
+        metrics.HIT_CACHE_BYTES.set_function(lambda: self.hits.bytes)
+        self._cache_found, self._cache_missed = metrics.HIT_CACHE.labels("hit"), metrics.HIT_CACHE.labels("miss")
+        # Each collection object's number in it (rowids are unique within one; a dropped and re-created name is
+        # another object, with another number).
+        self._tags: weakref.WeakKeyDictionary[Collection, int] = weakref.WeakKeyDictionary()
         self._closing = False
 
     def warm_caches(self) -> list[Future[int]]:
-        """Start filling every collection's hit cache from its store, in pool threads (at start-up)."""
+        """Start filling the hit cache from every collection's store, in pool threads (at start-up); each
+        collection may take an equal share of the budget."""
+        everything = self.collections.all()
+        share = self.hits.max_bytes // max(1, len(everything))
+
         def warm(c: Collection) -> int:
             try:
-                n = self._hit_cache(c).warm(c)
+                n = self.hits.warm(self._tag(c), c, share)
             except Exception:
                 if self._closing:  # the server stopped while warming: the store is closed under it
                     return 0
@@ -174,11 +195,14 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             log.debug("collection %s: %d items in the hit cache", c.spec.name, n)
             return n
 
-        return [self.pool.submit(warm, c) for c in self.collections.all()]
+        return [self.pool.submit(warm, c) for c in everything]
 
     # -- lookups ---------------------------------------------------------------------
-    def _hit_cache(self, c: Collection) -> HitCache:
-        return self._hits.get(c) or self._hits.setdefault(c, HitCache(self.config.hit_cache_bytes))
+    def _tag(self, c: Collection) -> int:
+        """Collection `c`'s number in the hit cache."""
+        if (tag := self._tags.get(c)) is None:
+            tag = self._tags.setdefault(c, self.hits.tag())
+        return tag
 
     def _collection(self, name: str) -> Collection:
         try:
@@ -392,11 +416,11 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     def _cache_written(self, c: Collection, added: list[int], puts: list[Put], removed: list[int]) -> None:
         """Tell the hit cache about a committed write: on the event loop when small, else in a pool thread that
         nobody waits for. The cache only saves SQLite reads, so a failure here is logged and the write stands."""
-        cache = self._hit_cache(c)
+        tag = self._tag(c)
 
         def update() -> None:
             try:
-                cache.written(added, puts, removed)
+                self.hits.written(tag, added, puts, removed)
             except Exception:
                 log.exception("updating the hit cache of collection %s failed (searches read SQLite instead)",
                               c.spec.name)
@@ -523,12 +547,14 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         hop (or none: Batcher.run_inline)."""
         rowid_lists = rowids.tolist()  # plain Python from here: a batch-1 search has 10 hits, not 10,000
         rows = {r for row in rowid_lists for r in row if r >= 0}
-        cache = self._hit_cache(c)
-        found = cache.lookup(rows)
+        tag = self._tag(c)
+        found = self.hits.lookup(tag, rows)
+        self._cache_found.inc(len(found))
         if len(found) < len(rows):
+            self._cache_missed.inc(len(rows) - len(found))
             missing = [r for r in rows if r not in found]
             for r, (item_id, meta) in c.resolve(missing).items():  # deleted since the search: not there
-                found[r] = cache.add(r, item_id, meta)
+                found[r] = self.hits.add(tag, r, item_id, meta)
         score_bytes = np.ascontiguousarray(scores, "<f4").tobytes()  # float32 scores as the Hit field holds them
         out = np.empty(len(rowid_lists), object)
         width = 4 * scores.shape[1]

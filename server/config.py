@@ -107,9 +107,10 @@ class ServerConfig:
     max_queries_per_search: int = _f(64, "most queries in one Search request")
     max_query_terms: int = _f(16, "most weighted terms in one query")
     max_metadata_bytes: int = _f(16384, "largest item metadata, as JSON bytes")
-    hit_cache_bytes: int = _f(64 * 1024 * 1024, "memory per collection for the ids and metadata of items written or "
-                              "found since the start, ready to answer searches without reading SQLite (about 260 "
-                              "bytes an item plus its id and metadata; least recently used out first; 0: off)")
+    hit_cache_bytes: int = _f(256 * 1024 * 1024, "memory for the ids and metadata of items written or found since "
+                              "the start, all collections together, ready to answer searches without reading SQLite "
+                              "(about 320 bytes an item plus its id and metadata; least recently used out first; "
+                              "0: off)")
     snapshot_every_changes: int = _f(20_000, "write a collection's index snapshot after this many added or deleted "
                                      "vectors (start-up replays the writes after the last snapshot)")
     log_level: str = _f("INFO", "DEBUG, INFO, WARNING or ERROR")

@@ -46,6 +46,9 @@ PREPROCESS_ITEMS = Counter(
     "expired (not started: it waited longer than queue_timeout_ms)", ["tower", "outcome"],
 )
 ZERO_SHOT_CACHE = Counter("tandem_zero_shot_cache_total", "Label-embedding cache lookups", ["result"])
+HIT_CACHE = Counter("tandem_hit_cache_total", "Search hits looked up in the hit cache: found there (hit) or read "
+                    "from SQLite (miss)", ["result"])
+HIT_CACHE_BYTES = Gauge("tandem_hit_cache_bytes", "Memory the hit cache holds, all collections (hit_cache_bytes bounds it)")
 
 
 class _CollectionGauges:

@@ -167,12 +167,43 @@ def test_hit_cache_is_bounded_in_bytes() -> None:
     from server.collections import HitCache
 
     cache = HitCache(max_bytes=10_000)
+    a, b = cache.tag(), cache.tag()
     for rowid in range(1000):
-        id_field, metadata_field = cache.add(rowid, f"item-{rowid}", f'{{"text": "{"x" * 100}", "n": {rowid}}}')
+        id_field, metadata_field = cache.add(a, rowid, f"item-{rowid}", f'{{"text": "{"x" * 100}", "n": {rowid}}}')
         hit = pb.Hit.FromString(id_field + metadata_field)
         assert hit.id == f"item-{rowid}" and hit.metadata["n"] == rowid
         assert cache.bytes <= 10_000
-    assert set(cache.lookup([0, 998, 999])) == {998, 999}  # the latest are still cached, the first was evicted
+    assert set(cache.lookup(a, [0, 998, 999])) == {998, 999}  # the latest are still cached, the first was evicted
+    assert cache.lookup(b, [998, 999]) == {}  # the same rowids of another collection are other items
+    cache.add(b, 999, "other", "{}")
+    assert cache.lookup(b, [999])[999][0] != cache.lookup(a, [999])[999][0]
+
+
+def test_one_hit_cache_budget_holds_for_all_collections(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    """hit_cache_bytes bounds the server, not each collection: writes to many collections share it, least
+    recently used out first."""
+    service = shapes_server.server.collections_service
+    budget = service.hits.max_bytes
+    v = np.random.default_rng(5).standard_normal((64, 64)).astype(np.float32)
+    with TandemClient(shapes_server.target) as client:
+        names = [f"budget{i}" for i in range(4)]
+        try:
+            service.hits.max_bytes = 50_000  # room for ~130 small entries in all
+            for name in names:
+                client.create_collection(name)
+                for start in range(0, 64, 16):  # small upserts: cached on the event loop, before the answer
+                    client.upsert(name, [{"id": f"{name}-{i}", "vector": v[i], "metadata": {"text": "x" * 40}}
+                                         for i in range(start, start + 16)])
+            assert service.hits.bytes <= service.hits.max_bytes  # 4 x 64 items did not fit: the budget held
+            newest = shapes_server.server.collections.get(names[-1])
+            first = shapes_server.server.collections.get(names[0])
+            tag_new, tag_first = service._tag(newest), service._tag(first)
+            assert len(service.hits.lookup(tag_new, range(1, 65))) == 64  # the latest writes are all cached
+            assert service.hits.lookup(tag_first, range(1, 65)) == {}  # the oldest collection's went out first
+        finally:
+            service.hits.max_bytes = budget
+            for name in names:
+                client.drop_collection(name)
 
 
 def test_hits_found_again_are_resolved_from_the_cache_not_sqlite(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
@@ -213,7 +244,7 @@ def test_items_just_written_are_found_without_sqlite_and_deleted_ones_leave_the_
             hits = client.search("fresh", v[4], top_k=6)[0]
             assert hits[0].id == "f4" and hits[0].metadata == {"i": 4} and len(hits) == 6
             assert asked == []  # every hit came from the cache its write filled
-            cache = shapes_server.server.collections_service._hit_cache(c)
+            cache = shapes_server.server.collections_service.hits
             before = cache.bytes
             client.delete("fresh", ["f4"])
             client.upsert("fresh", [{"id": "f3", "vector": v[3], "metadata": {"i": 33}}])  # replaces f3's row
@@ -272,13 +303,18 @@ def test_the_hit_cache_is_warmed_from_the_store_newest_first_while_it_fits(tmp_p
         c.write([], delete_ids=["i2499"]).result()  # deleted rows are not stored, so never cached
         rows = {item_id: r for r, item_id, _ in c.newest(2**63 - 1, 5000)}
         everything = HitCache(10 << 20)
-        assert everything.warm(c, page=1000) == 2499 and len(rows) == 2499
-        found = everything.lookup([rows["i0"], rows["i2498"]])
+        tag = everything.tag()
+        assert everything.warm(tag, c, everything.max_bytes, page=1000) == 2499 and len(rows) == 2499
+        found = everything.lookup(tag, [rows["i0"], rows["i2498"]])
         assert pb.Hit.FromString(b"".join(found[rows["i0"]])) == pb.Hit(id="i0", metadata={"n": 0})
-        small = HitCache(1200 * 300)  # room for about 1,200 entries: the newest whole pages, then it stops
-        assert small.warm(c, page=500) == 1000 and small.bytes <= small.max_bytes
-        assert set(small.lookup([rows["i2498"], rows["i1499"], rows["i1498"], rows["i0"]])) == \
+        small = HitCache(1200 * 360)  # room for about 1,200 entries: the newest whole pages, then it stops
+        tag = small.tag()
+        assert small.warm(tag, c, small.max_bytes, page=500) == 1000 and small.bytes <= small.max_bytes
+        assert set(small.lookup(tag, [rows["i2498"], rows["i1499"], rows["i1498"], rows["i0"]])) == \
             {rows["i2498"], rows["i1499"]}
+        shared = HitCache(10 << 20)  # a share: another collection may have the rest of the budget
+        tag = shared.tag()
+        assert shared.warm(tag, c, 1200 * 360, page=500) == 1000 and shared.bytes <= 1200 * 360
     finally:
         collections.close()
 
