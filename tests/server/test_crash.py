@@ -1,7 +1,7 @@
 """A write acknowledged is a write kept: SIGKILL the server at random moments while clients write.
 
 The loop of Qdrant's crasher, short form (30 kills, about a minute); set
-TANDEM_CRASH_ROUNDS for a longer run (benchmarks/crash.sh runs 300). Each
+TANDEM_CRASH_ROUNDS for a longer run (e.g. 300). Each
 round starts `tandem serve` on the same data folder, checks everything
 acknowledged so far, lets four clients upsert, replace, delete and search
 at once, and kills the server with SIGKILL at a random moment. Each client
