@@ -70,7 +70,8 @@ COMPACT_MIN_DELETED = 1000
 
 
 class IndexBusy(RuntimeError):
-    """A search that would have to wait for a write or a snapshot holding the index (Collection.search, wait=False)."""
+    """A search that would have to wait for a write holding the index, or for the GPU (Collection.search,
+    wait=False)."""
 
 
 class CollectionError(ValueError):
@@ -123,7 +124,6 @@ class Collection:
         self.folder, self.spec, self.snapshot_every = Path(folder), spec, snapshot_every
         self._use_gpu = device != "cpu" and gpu.available()
         self._lock = ReadWriteLock()
-        self._gpu_lock = threading.Lock()  # a GPU index serves one search at a time (FAISS GPU is not thread-safe)
         self._snapshot_lock = threading.Lock()
         self._background_lock = threading.Lock()
         self._rebuild_lock = threading.Lock()
@@ -232,13 +232,16 @@ class Collection:
         self.device = "cuda" if replica is not None else "cpu"
         return replica
 
-    def _add(self, rowids: np.ndarray, vectors: np.ndarray, to: tuple[faiss.Index | None, ...] = ()) -> None:
-        """Add to the index and its GPU copy (or to the indexes `to`, for one being built)."""
+    def _add(self, rowids: np.ndarray, vectors: np.ndarray,
+             to: tuple[faiss.Index, faiss.Index | None] | None = None) -> None:
+        """Add to the index and its GPU copy (or to `to`, the index being built and its copy)."""
         if len(rowids):
             x, ids = np.ascontiguousarray(vectors, np.float32), rowids.astype(np.int64)
-            for index in to or (self.index, self.replica):
-                if index is not None:
-                    index.add_with_ids(x, ids)
+            index, replica = to or (self.index, self.replica)
+            index.add_with_ids(x, ids)
+            if replica is not None:
+                with gpu.LOCK:
+                    replica.add_with_ids(x, ids)
 
     def _apply(self, batch: list[Written]) -> None:
         """Committed writes, in commit order (runs in the store's writer thread, before the writers hear back)."""
@@ -328,8 +331,12 @@ class Collection:
             alive = None
             if where is None:
                 if self.replica is not None and k + len(self._tombstones) <= gpu.MAX_K:
-                    with self._gpu_lock:
+                    if not gpu.LOCK.acquire(blocking=wait):  # another search or copy is using the GPU
+                        raise IndexBusy(self.spec.name)
+                    try:
                         return (*self._search_replica(q, k), not self._approximate)
+                    finally:
+                        gpu.LOCK.release()
                 if (alive := self._alive_selector()) is not None:
                     sel = alive[0]
             d, i = self.index.search(q, k, params=self._params(sel) if sel is not None else None)
@@ -421,7 +428,7 @@ class Collection:
     def _maybe_train_in_background(self) -> None:
         """Train the real index once there are enough vectors; compact once too many are deleted."""
         with self._background_lock:  # the writer thread and a finishing background thread may both ask
-            if self._closed or self._busy():
+            if self._closed or self._busy() or self._rebuild_lock.locked():  # a Rebuild call is at it already
                 return
             target = self._target_factory(self.store.count())
             if target is not None:
@@ -522,15 +529,17 @@ class Collection:
     def _serialize(self) -> tuple[int, int, str, int, np.ndarray]:
         """(generation, seq, kind, nprobe, the serialized index): searches go on meanwhile, writes wait."""
         with self._lock.read():
+            data = faiss.serialize_index(self.index)  # a uint8 array (no bytes copy: 20 ms at 40 MB)
             self._changes_since_snapshot = 0  # only writers add to it, and they are held off
-            # a uint8 array (no bytes copy: 20 ms at 40 MB)
-            return (self._generation, self.indexed_seq, self.kind, self.nprobe, faiss.serialize_index(self.index))
+            return self._generation, self.indexed_seq, self.kind, self.nprobe, data
 
     def _write_snapshot(self, generation: int, seq: int, kind: str, nprobe: int, data: np.ndarray) -> None:
         with self._snapshot_lock:  # a Rebuild's snapshot and a background one must not interleave
             if (generation, seq) <= self._snapshot_written:
                 return  # a newer index, or this one at a later point, is on disk already
-            name = f"index-{seq}-{generation}.faiss"  # a rebuild's index may be snapshotted at the same seq
+            # Never the name snapshot.json points to: a rebuild's index may be snapshotted at the same seq, and
+            # generations start again at 0 with each start.
+            name = f"index-{seq}-{time.time_ns():x}.faiss"
             write_atomically(self.folder / name, memoryview(data))
             meta = {"seq": seq, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "kind": kind,
                     "nprobe": nprobe}
@@ -549,7 +558,8 @@ class Collection:
                     "snapshot_seq": self.snapshot_seq, "deleted_pending": len(self._tombstones)}
 
     def close(self, snapshot: bool = True) -> None:
-        self._closed = True
+        with self._background_lock:  # no background thread starts after this
+            self._closed = True
         if self._background is not None:
             self._background.join(timeout=600)
         self.store.close()

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import faiss
 
 log = logging.getLogger("tandem.index")
 
 MAX_K = 2048  # the most hits a FAISS GPU search returns per query (GPU_MAX_SELECTION_K)
+# Every GPU copy shares one StandardGpuResources, which FAISS allows one user at a time, searches included:
+# whoever searches, fills or makes a GPU copy holds this.
+LOCK = threading.Lock()
 
 
 @functools.cache
@@ -45,7 +49,8 @@ def to_device(index: faiss.Index, nprobe: int) -> faiss.Index:
     Raises RuntimeError for an index type FAISS has no GPU version of (HNSW, for example)."""
     options = faiss.GpuClonerOptions()
     options.useFloat16 = False  # the same scores as the CPU copy; fp16 halves memory at some recall
-    copy = faiss.index_cpu_to_gpu(_resources(), 0, index, options)
-    if nprobe:
-        faiss.GpuParameterSpace().set_index_parameter(copy, "nprobe", nprobe)
+    with LOCK:
+        copy = faiss.index_cpu_to_gpu(_resources(), 0, index, options)
+        if nprobe:
+            faiss.GpuParameterSpace().set_index_parameter(copy, "nprobe", nprobe)
     return copy

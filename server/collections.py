@@ -168,9 +168,12 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     def __init__(self, registry: Registry, collections: Collections, config: ServerConfig, inference: Inference):
         self.registry, self.collections, self.config, self.inference = registry, collections, config, inference
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="index")
+        # Rebuild calls wait for each other per collection (Collection.rebuild): not in the pool searches use
+        self._rebuilds = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rebuild")
         self._batchers: dict[tuple[str, int, bool], Batcher] = {}
         self.hits = HitCache(config.hit_cache_bytes)  # one budget for all collections
-        metrics.HIT_CACHE_BYTES.set_function(lambda: self.hits.bytes)
+        cache = weakref.ref(self.hits)  # the gauge must not keep a stopped server's cache alive
+        metrics.HIT_CACHE_BYTES.set_function(lambda: (c.bytes if (c := cache()) is not None else 0))
         self._cache_found, self._cache_missed = metrics.HIT_CACHE.labels("hit"), metrics.HIT_CACHE.labels("miss")
         # Each collection object's number in it (rowids are unique within one; a dropped and re-created name is
         # another object, with another number).
@@ -280,7 +283,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     async def Rebuild(self, request: pb.RebuildRequest, context: grpc.aio.ServicerContext) -> pb.CollectionInfo:
         c = self._collection(request.name)
         self._bound_model(c)
-        await self._off_loop(c.rebuild)
+        await asyncio.get_running_loop().run_in_executor(self._rebuilds, c.rebuild)
         return await self._off_loop(self.info, c)
 
     # -- vectors from items and query terms -------------------------------------------
@@ -622,3 +625,4 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         self._closing = True
         await asyncio.gather(*(b.stop() for b in self._batchers.values()))
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._rebuilds.shutdown(wait=False, cancel_futures=True)

@@ -142,3 +142,26 @@ def test_many_deletes_are_compacted_in_the_background(tmp_path: Path, monkeypatc
     d = c.describe()
     assert (d["deleted_pending"], d["count"], c.index.ntotal) == (0, 75, 75)
     c.close()
+
+
+def test_a_search_that_must_not_wait_does_not_wait_for_the_gpu(tmp_path: Path, fake_gpu) -> None:  # type: ignore[no-untyped-def]
+    """The event loop's search (wait=False) is refused while another search or copy holds the GPU, which FAISS
+    lets one thread use at a time; a search that may wait gets its answer once the GPU is free."""
+    import threading
+
+    from index.collection import IndexBusy
+
+    c = Collection.create(tmp_path / "g", spec())
+    x = vectors(50)
+    put_all(c, x)
+    answers: list[list[list[str]]] = []
+    with gpu.LOCK:
+        with pytest.raises(IndexBusy):
+            c.search(x[:1], 3, wait=False)
+        waiting = threading.Thread(target=lambda: answers.append(ids_of(c, c.search(x[:1], 3)[1])))
+        waiting.start()
+        waiting.join(0.2)
+        assert not answers  # it waits for the GPU
+    waiting.join(30)
+    assert answers[0][0][0] == "v0"
+    c.close()
