@@ -123,10 +123,10 @@ class HitCache:
                     self.bytes -= _entry_bytes(old)
         self._keep(entries)
 
-    def warm(self, tag: int, c: Collection, share: int, page: int = 1000) -> int:
+    def warm(self, tag: int, c: Collection, share: int, page: int = 1000) -> tuple[int, int]:
         """Fill the cache with collection `tag`'s newest items back, while they fit in `share` bytes and in the
         whole budget (after a restart, so that the first searches need not read SQLite hit by hit). Returns the
-        items added."""
+        items and bytes added."""
         added, used, before = 0, 0, 2**63 - 1
         while rows := c.newest(before, page):
             entries = [((tag, r), self._entry(item_id, meta)) for r, item_id, meta in rows]
@@ -136,7 +136,7 @@ class HitCache:
             self._keep(entries)
             added, used, before = added + len(entries), used + size, rows[-1][0]
             time.sleep(0)  # let the event loop have the GIL between pages
-        return added
+        return added, used
 
     def _keep(self, entries: Sequence[tuple[tuple[int, int], tuple[bytes, bytes]]]) -> None:
         with self._lock:
@@ -181,24 +181,32 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         self._closing = False
 
     def warm_caches(self) -> list[Future[int]]:
-        """Start filling the hit cache from every collection's store, in pool threads (at start-up); each
-        collection may take an equal share of the budget."""
-        everything = self.collections.all()
-        share = self.hits.max_bytes // max(1, len(everything))
+        """Start filling the hit cache from the collections' stores in a pool thread (at start-up), smallest
+        collection first: each may take an equal share of what the ones before it left, so small collections
+        take what they need and leave the rest to the big ones. One future per collection (items cached)."""
+        order = sorted(self.collections.all(), key=lambda c: c.count())
+        futures: list[Future[int]] = [Future() for _ in order]
 
-        def warm(c: Collection) -> int:
-            try:
-                n = self.hits.warm(self._tag(c), c, share)
-            except Exception:
-                if self._closing:  # the server stopped while warming: the store is closed under it
-                    return 0
-                log.exception("warming the hit cache of collection %s failed (searches read SQLite instead)",
-                              c.spec.name)
-                return 0
-            log.debug("collection %s: %d items in the hit cache", c.spec.name, n)
-            return n
+        def warm_all() -> None:
+            left = self.hits.max_bytes
+            for i, (c, done) in enumerate(zip(order, futures)):
+                n = 0
+                try:
+                    n, used = self.hits.warm(self._tag(c), c, left // (len(order) - i))
+                    left -= used
+                    log.debug("collection %s: %d items in the hit cache", c.spec.name, n)
+                except Exception:
+                    if self._closing:  # the server stopped while warming: the store is closed under it
+                        for rest in futures[i:]:
+                            rest.set_result(0)
+                        return
+                    log.exception("warming the hit cache of collection %s failed (searches read SQLite instead)",
+                                  c.spec.name)
+                done.set_result(n)
 
-        return [self.pool.submit(warm, c) for c in everything]
+        if order:
+            self.pool.submit(warm_all)
+        return futures
 
     # -- lookups ---------------------------------------------------------------------
     def _tag(self, c: Collection) -> int:

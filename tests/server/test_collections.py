@@ -304,33 +304,41 @@ def test_the_hit_cache_is_warmed_from_the_store_newest_first_while_it_fits(tmp_p
         rows = {item_id: r for r, item_id, _ in c.newest(2**63 - 1, 5000)}
         everything = HitCache(10 << 20)
         tag = everything.tag()
-        assert everything.warm(tag, c, everything.max_bytes, page=1000) == 2499 and len(rows) == 2499
+        assert everything.warm(tag, c, everything.max_bytes, page=1000)[0] == 2499 and len(rows) == 2499
         found = everything.lookup(tag, [rows["i0"], rows["i2498"]])
         assert pb.Hit.FromString(b"".join(found[rows["i0"]])) == pb.Hit(id="i0", metadata={"n": 0})
         small = HitCache(1200 * 360)  # room for about 1,200 entries: the newest whole pages, then it stops
         tag = small.tag()
-        assert small.warm(tag, c, small.max_bytes, page=500) == 1000 and small.bytes <= small.max_bytes
+        assert small.warm(tag, c, small.max_bytes, page=500)[0] == 1000 and small.bytes <= small.max_bytes
         assert set(small.lookup(tag, [rows["i2498"], rows["i1499"], rows["i1498"], rows["i0"]])) == \
             {rows["i2498"], rows["i1499"]}
         shared = HitCache(10 << 20)  # a share: another collection may have the rest of the budget
         tag = shared.tag()
-        assert shared.warm(tag, c, 1200 * 360, page=500) == 1000 and shared.bytes <= 1200 * 360
+        assert shared.warm(tag, c, 1200 * 360, page=500) == (1000, shared.bytes) and shared.bytes <= 1200 * 360
     finally:
         collections.close()
 
 
 def test_a_restarted_server_answers_its_first_searches_from_the_warmed_cache(tmp_path: Path) -> None:
+    """Warming fills the cache smallest collection first, each taking an equal share of what is left: the small
+    collection takes what it needs (30 items, ~10 KB) and the big one the rest of the 800 KB, two pages of 1,000
+    items (~345 KB each), where an equal split would have left it one."""
     v = np.random.default_rng(4).standard_normal((30, 64)).astype(np.float32)
+    big = np.random.default_rng(5).standard_normal((3000, 64)).astype(np.float32)
     first = start_server(SHIPPED_MODELS, data_dir=str(tmp_path / "data"))
     try:
         with TandemClient(first.target) as c:
             c.create_collection("kept", metric="ip")
             c.upsert("kept", [{"id": f"k{i}", "vector": v[i], "metadata": {"i": i}} for i in range(30)])
+            c.create_collection("big", metric="ip", index_spec="Flat")
+            for start in range(0, 3000, 250):
+                c.upsert("big", [{"id": f"b{i}", "vector": big[i], "metadata": {"i": i}}
+                                 for i in range(start, start + 250)])
     finally:
         first.stop()
-    again = start_server(SHIPPED_MODELS, data_dir=str(tmp_path / "data"))
+    again = start_server(SHIPPED_MODELS, data_dir=str(tmp_path / "data"), hit_cache_bytes=800_000)
     try:
-        assert [f.result(30) for f in again.server.cache_warming] == [30]
+        assert [f.result(30) for f in again.server.cache_warming] == [30, 2000]
         c = again.server.collections.get("kept")
         asked: list[int] = []
         real = c.resolve
