@@ -328,7 +328,7 @@ class Collection:
         if not self._lock.acquire_read(blocking=wait):
             raise IndexBusy(self.spec.name)
         try:
-            alive = None
+            alive = None  # holds the selector and what it points into until FAISS is done with them
             if where is None:
                 if self.replica is not None and k + len(self._tombstones) <= gpu.MAX_K:
                     if not gpu.LOCK.acquire(blocking=wait):  # another search or copy is using the GPU

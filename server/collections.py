@@ -90,9 +90,6 @@ class HitCache:
         """A new collection's number."""
         return next(self._tags)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def lookup(self, tag: int, rowids: Sequence[int]) -> dict[int, tuple[bytes, bytes]]:
         """The cached entries among collection `tag`'s `rowids`, by rowid (marked recently used)."""
         found = {}
