@@ -19,16 +19,16 @@ Index life:
   is right and replays the store's writes after it; a missing or corrupt
   snapshot is logged and the index is rebuilt from the store.
 - Locking: searches and snapshots share the index (index/rwlock.py), writes
-  and swaps hold it alone. The periodic snapshot serializes the index in the
-  store's writer thread once the writers it committed have heard back, so
-  searches go on meanwhile and only writes wait; the file is written and
-  fsynced in a background thread.
+  and swaps hold it alone. The periodic snapshot writes the index to a
+  temporary file (FAISS streams it there: no copy of the index in memory) in
+  the store's writer thread once the writers it committed have heard back, so
+  searches go on meanwhile and only writes wait; the file is hashed, fsynced
+  and renamed in a background thread.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +46,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bundle.files import write_atomically
+from bundle.files import move_atomically, write_atomically
+from bundle.manifest import sha256_of
 
 from . import gpu
 from .rwlock import ReadWriteLock
@@ -168,6 +169,8 @@ class Collection:
             db.close()
         if "spec" not in meta:
             raise CollectionError(f"{folder}: no collection spec in {STORE_FILE}; the folder is not a collection")
+        for stale in folder.glob("index-*.tmp"):  # a snapshot cut short by a crash
+            stale.unlink(missing_ok=True)
         c = cls(folder, Spec(**json.loads(meta["spec"])), snapshot_every, device)
         c._recover()
         return c
@@ -195,10 +198,10 @@ class Collection:
             return False
         try:
             snap = json.loads(path.read_text())
-            data = (self.folder / snap["file"]).read_bytes()
-            if hashlib.sha256(data).hexdigest() != snap["sha256"]:
+            file = self.folder / snap["file"]
+            if sha256_of(file) != snap["sha256"]:
                 raise ValueError(f"{snap['file']} does not match the sha256 in {SNAPSHOT_FILE}")
-            index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+            index = faiss.read_index(str(file))  # from the file: no second copy of the index in memory
         except Exception as e:  # corrupt, truncated, missing file: the store still has everything
             log.warning("collection %s: snapshot unusable (%s); rebuilding the index from the store",
                         self.spec.name, e)
@@ -262,8 +265,10 @@ class Collection:
         if self._changes_since_snapshot >= self.snapshot_every and not self._closed and not self._busy():
             snap = self._serialize()
             with self._background_lock:
-                if not self._closed and not self._busy():  # a training may have started meanwhile: it snapshots
+                if not self._closed and not self._busy():
                     self._start_background(lambda: self._write_snapshot(*snap), f"snapshot-{self.spec.name}")
+                    return
+            snap[-1].unlink(missing_ok=True)  # a training started meanwhile (it snapshots), or closing
 
     def _dead_ids(self) -> np.ndarray:
         if self._dead is None:
@@ -526,29 +531,40 @@ class Collection:
         """Write the index and the sequence number it includes, atomically (see the module docstring)."""
         self._write_snapshot(*self._serialize())
 
-    def _serialize(self) -> tuple[int, int, str, int, np.ndarray]:
-        """(generation, seq, kind, nprobe, the serialized index): searches go on meanwhile, writes wait."""
-        with self._lock.read():
-            data = faiss.serialize_index(self.index)  # a uint8 array (no bytes copy: 20 ms at 40 MB)
-            self._changes_since_snapshot = 0  # only writers add to it, and they are held off
-            return self._generation, self.indexed_seq, self.kind, self.nprobe, data
+    def _serialize(self) -> tuple[int, int, str, int, Path]:
+        """Write the index to a new temporary file and return (generation, seq, kind, nprobe, that file).
+        Searches go on meanwhile (they share the lock); writes wait. FAISS streams the index into the file (the
+        page cache: it reaches the disk in _write_snapshot), so no copy of the whole index is made in memory."""
+        tmp = self.folder / f"index-{time.time_ns():x}.tmp"
+        try:
+            with open(tmp, "wb") as f, self._lock.read():
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
+                self._changes_since_snapshot = 0  # only writers add to it, and they are held off
+                return self._generation, self.indexed_seq, self.kind, self.nprobe, tmp
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
-    def _write_snapshot(self, generation: int, seq: int, kind: str, nprobe: int, data: np.ndarray) -> None:
+    def _write_snapshot(self, generation: int, seq: int, kind: str, nprobe: int, tmp: Path) -> None:
+        """Make the file _serialize wrote the snapshot on disk, unless a newer one is there already."""
         with self._snapshot_lock:  # a Rebuild's snapshot and a background one must not interleave
-            if (generation, seq) <= self._snapshot_written:
-                return  # a newer index, or this one at a later point, is on disk already
-            # Never the name snapshot.json points to: a rebuild's index may be snapshotted at the same seq, and
-            # generations start again at 0 with each start.
-            name = f"index-{seq}-{time.time_ns():x}.faiss"
-            write_atomically(self.folder / name, memoryview(data))
-            meta = {"seq": seq, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "kind": kind,
-                    "nprobe": nprobe}
-            write_atomically(self.folder / SNAPSHOT_FILE, json.dumps(meta).encode())
-            for old in self.folder.glob("index-*.faiss"):
-                if old.name != name:
-                    old.unlink(missing_ok=True)
-            self._snapshot_written = (generation, seq)
-            self.snapshot_seq = seq
+            try:
+                if (generation, seq) <= self._snapshot_written:
+                    return  # a newer index, or this one at a later point, is on disk already
+                # Never the name snapshot.json points to: a rebuild's index may be snapshotted at the same seq,
+                # and generations start again at 0 with each start.
+                name = f"index-{seq}-{time.time_ns():x}.faiss"
+                digest = sha256_of(tmp)
+                move_atomically(tmp, self.folder / name)
+                meta = {"seq": seq, "file": name, "sha256": digest, "kind": kind, "nprobe": nprobe}
+                write_atomically(self.folder / SNAPSHOT_FILE, json.dumps(meta).encode())
+                for old in self.folder.glob("index-*.faiss"):
+                    if old.name != name:
+                        old.unlink(missing_ok=True)
+                self._snapshot_written = (generation, seq)
+                self.snapshot_seq = seq
+            finally:
+                tmp.unlink(missing_ok=True)  # gone already unless this stopped short
 
     # -- describe, close ---------------------------------------------------------------
     def describe(self) -> dict[str, object]:

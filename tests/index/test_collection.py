@@ -129,14 +129,14 @@ def test_searches_go_on_while_a_snapshot_serializes_the_index(tmp_path: Path, mo
     import faiss
 
     serializing, searched = threading.Event(), threading.Event()
-    serialize = faiss.serialize_index
+    write_index = faiss.write_index
 
-    def slow_serialize(index):  # type: ignore[no-untyped-def]
+    def slow_write(index, writer):  # type: ignore[no-untyped-def]
         serializing.set()
         searched.wait(30)  # held until the search below has run
-        return serialize(index)
+        return write_index(index, writer)
 
-    monkeypatch.setattr(faiss, "serialize_index", slow_serialize)
+    monkeypatch.setattr(faiss, "write_index", slow_write)
     c = Collection.create(tmp_path / "c", spec("Flat"))
     c.snapshot_every = 100
     x = vectors(150)
@@ -169,4 +169,31 @@ def test_a_late_snapshot_of_a_replaced_index_never_overwrites_the_rebuilt_one(tm
     _, rowids, _ = reopened.search(x, 1)
     found = reopened.store.by_rowids([int(r) for r in rowids[:, 0]])
     assert reopened.index.ntotal == 10 and sorted(i for i, _ in found.values()) == [f"v{i}" for i in range(10, 20)]
+    reopened.close()
+
+
+def test_a_snapshot_that_fails_midway_leaves_the_last_one_whole(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The disk fills while FAISS streams the index out: the error reaches the caller, no partial file stays,
+    and the snapshot on disk is still the last good one, which a restart loads."""
+    import faiss
+
+    c = Collection.create(tmp_path / "c", spec("Flat"))
+    x = vectors(30)
+    put_all(c, x[:20])
+    c.snapshot()
+    put_all(c, x[20:], prefix="late")
+
+    def full(index, writer):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(faiss, "write_index", full)
+        with pytest.raises(OSError, match="No space left"):
+            c.snapshot()
+    folder = tmp_path / "c"
+    assert not list(folder.glob("*.tmp")) and len(list(folder.glob("index-*.faiss"))) == 1
+    assert c.snapshot_seq == 1
+    c.close(snapshot=False)
+    reopened = Collection.open(folder)
+    assert reopened.snapshot_seq == 1 and reopened.count() == 30 and reopened.index.ntotal == 30  # 10 replayed
     reopened.close()
