@@ -17,21 +17,13 @@ def fsync_path(path: Path) -> None:
 
 def move_atomically(tmp: Path, path: Path) -> None:
     """A file written at `tmp` (in the same folder) becomes `path`: fsync it, rename, fsync the folder."""
-    fd = os.open(tmp, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
 
 
-def write_atomically(path: Path, data: bytes | memoryview) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """temp file, fsync, rename, fsync the folder: the file is either old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    tmp.write_bytes(data)
+    move_atomically(tmp, path)
