@@ -19,7 +19,8 @@ from typing import Any
 
 ENV_PREFIX = "TANDEM_"
 # What a [server.model."NAME"] table of the TOML file may set for one model (docs/operations.md).
-PER_MODEL = ("max_batch_size", "max_queue_delay_us", "max_queue_rows", "model_runners", "intra_op_threads")
+PER_MODEL = ("max_batch_size", "max_queue_delay_us", "max_queue_rows", "model_runners", "intra_op_threads",
+             "precision")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -46,6 +47,10 @@ class ServerConfig:
                                      "(logs a warning); off, the server refuses to start that way")
     device: str = _f("auto", "where models run (ONNX Runtime) and collections search (FAISS): auto (the GPU when "
                      "available: onnxruntime-gpu, faiss-gpu), cpu or cuda")
+    precision: str = _f("auto", "what fp32 bundles run in: auto (fp16 on CUDA, fp32 on the CPU), fp16 (converted "
+                        "when loaded, with ONNX Runtime's float16 converter, and kept only if it agrees with fp32 on "
+                        "a probe batch to cosine 0.999, as tandem export --precision fp16 must; needs the onnx "
+                        "package) or bundle (always as exported)")
     model_runners: int = _f(1, "ONNX Runtime runs in progress at once per model and tower: above 1, the next batch "
                             "forms and starts while one runs (on 2 CPU cores 1 measured faster: docs/benchmarks.md)")
     intra_op_threads: int = _f(0, "threads per ONNX Runtime run (0: the CPUs this process may use, container CPU "
@@ -218,6 +223,8 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
         for name in ("model_runners", "max_batch_size"):
             if getattr(each, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(each, name)}{where}")
+        if each.precision not in ("auto", "fp16", "bundle"):
+            raise ValueError(f"precision must be auto, fp16 or bundle, got {each.precision!r}{where}")
         if each.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be 0 (the cores shared by model_runners) or more, "
                              f"got {each.intra_op_threads}{where}")

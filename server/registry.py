@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from bundle import Bundle, BundleError, discover, load_bundle, version_key
+from bundle.manifest import Manifest
+from bundle.parity import PROBE_TEXTS, probe_pixels
 from bundle.signing import load_public_key
 from bundle.tokenizer import ClipTokenizer
 from bundle.zero_shot import LabelCache
@@ -28,7 +30,7 @@ from . import metrics
 from .batcher import Batcher
 from .config import ServerConfig
 from .errors import ApiError, failed_precondition, in_flight, not_found, unavailable
-from .runtime import Tower, choose_providers, usable_cores
+from .runtime import Tower, choose_providers, fp16_tower, usable_cores
 
 log = logging.getLogger("tandem.registry")
 T = TypeVar("T")
@@ -95,6 +97,7 @@ class LoadedModel:
     text: Batcher | None
     tokenizer: ClipTokenizer | None
     provider: str
+    precision: str = "fp32"  # what the towers run in: the bundle's, or fp16 when converted at load
     labels: LabelCache = field(default_factory=lambda: LabelCache(64 << 20, 256))
     # The request tasks that looked this model up (Registry.get): unloading waits for them to finish.
     users: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -170,19 +173,40 @@ class Registry:
             self._providers = choose_providers(self.config.device)
         bundle = load_bundle(folder, verify_hashes=self.config.verify_hashes, public_key=self.public_key)
         m = bundle.manifest
+        tokenizer = ClipTokenizer(bundle.tokenizer_path, m.text.context_length) if m.text else None
         towers = {}
         for tower, path in (("image", bundle.image_path), ("text", bundle.text_path)):
             if path is not None:
-                towers[tower] = Tower(path, self._providers, m.precision, self.intra_op_threads(m.name),
-                                      self.config.inter_op_threads, spinning=self.config.ort_spinning)
+                probe = probe_pixels(m.image.size) if tower == "image" else tokenizer.encode_batch(PROBE_TEXTS)[0]
+                towers[tower] = self._tower(path, m, tower, probe)
+        precisions = {t.precision for t in towers.values()}
         return LoadedModel(
             bundle=bundle,
             image=self._batcher(towers["image"], m.name, "image"),
             text=self._batcher(towers["text"], m.name, "text") if "text" in towers else None,
-            tokenizer=ClipTokenizer(bundle.tokenizer_path, m.text.context_length) if m.text else None,
+            tokenizer=tokenizer,
             provider=towers["image"].provider,
+            precision=precisions.pop() if len(precisions) == 1 else ", ".join(f"{k} {t.precision}"
+                                                                              for k, t in towers.items()),
             labels=LabelCache(self.config.label_cache_bytes, self.config.label_cache_size),
         )
+
+    def _tower(self, path: Path, m: Manifest, kind: str, probe: np.ndarray) -> Tower:
+        """One tower's session: the bundle's file, or its fp16 conversion where the `precision` setting asks for
+        one (auto: on CUDA) and it keeps the fp16 parity threshold on the probe batch."""
+        c = self.config.for_model(m.name)
+
+        def open_(model: Path | bytes, precision: str) -> Tower:
+            return Tower(model, self._providers or ["CPUExecutionProvider"], precision, self.intra_op_threads(m.name),
+                         c.inter_op_threads, spinning=c.ort_spinning, max_batch=c.max_batch_size)
+
+        tower = open_(path, m.precision)
+        if m.precision != "fp32" or c.precision == "bundle" or (c.precision == "auto" and tower.device != "cuda"):
+            return tower
+        fp16, why = fp16_tower(path, tower, probe, lambda model: open_(model, "fp16"))
+        (log.info if fp16 else log.warning)("%s/%s %s tower %s%s", m.name, m.version, kind, why,
+                                            "" if fp16 else "; serving it in fp32")
+        return fp16 or tower
 
     def intra_op_threads(self, model: str) -> int:
         """Threads per ONNX Runtime run: as configured, or the CPUs this process may use shared by the runners
@@ -243,7 +267,8 @@ class Registry:
         m = loaded.bundle.manifest
         metrics.MODEL_INFO.labels(name, version, m.kind, loaded.provider).set(1)
         await self._set_health(name, version, True)
-        log.info("loaded %s/%s (%s, dim %d) on %s", name, version, m.kind, m.dim, loaded.provider)
+        log.info("loaded %s/%s (%s, dim %d) on %s, %s", name, version, m.kind, m.dim, loaded.provider,
+                 loaded.precision)
         if old is not None:
             self._retire_in_background(old)
         return entry

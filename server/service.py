@@ -328,7 +328,7 @@ class Models(pb_grpc.ModelsServicer):
         return pb.ModelInfo(
             model=_ref(m), kind=man.kind, dim=man.dim, image_size=man.image.size,
             context_length=man.text.context_length if man.text else 0, logit_scale=man.logit_scale,
-            precision=man.precision, architecture=man.architecture,
+            precision=m.precision, architecture=man.architecture,
             source=self.source(man.source, self.registry.config.reveal_source_paths),
             parity_min_cosine=float(man.parity.get("min_cosine", 0.0)),
             towers=["image", "text"] if man.text else ["image"], execution_provider=m.provider,

@@ -35,7 +35,8 @@ TORCH = {"torch", "torchvision", "open_clip", "timm", "onnx", "onnxscript", "ten
 ALLOWED = {
     "bundle": {"bundle", "numpy", "PIL", "tokenizers", "ftfy", "regex", "google", "cryptography"},
     "server": {"server", "bundle", "index", "tandem", "numpy", "PIL", "grpc", "grpc_health", "grpc_reflection",
-               "google", "prometheus_client", "onnxruntime", "faiss", "tqdm", "uvloop"},
+               "google", "prometheus_client", "onnxruntime", "faiss", "tqdm", "uvloop",
+               "onnx"},  # only inside server/runtime.py's to_fp16 (precision fp16; the gpu extra installs it)
     "index": {"index", "bundle", "numpy", "faiss"},
 }
 FORBIDDEN = {"training": {"server"}}
@@ -59,7 +60,7 @@ def imports_of(package: str) -> dict[str, set[str]]:
 def test_serving_packages_import_only_what_they_may(package: str) -> None:
     for file, names in imports_of(package).items():
         assert names <= ALLOWED[package], f"{file} imports {sorted(names - ALLOWED[package])}"
-        assert not names & TORCH
+        assert not names & (TORCH - ALLOWED[package])  # onnx: allowed in server/runtime.py (above)
 
 
 def test_training_never_imports_the_server() -> None:

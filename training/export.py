@@ -28,6 +28,7 @@ import torch
 
 from bundle.files import fsync_path
 from bundle.manifest import FORMAT, ImageSpec, Manifest, TextSpec, load_bundle, sha256_of
+from bundle.parity import PARITY_THRESHOLD, PROBE_TEXTS, min_cosine
 
 from .models import build_model, clip_bpe, clip_tokenizer, preprocess_config, read_checkpoint
 
@@ -35,20 +36,8 @@ log = logging.getLogger("tandem.export")
 
 OPSET = 18
 TOKENIZER_FILE = "tokenizer.json"
-# Minimum cosine (ONNX Runtime vs PyTorch fp32) per precision.
-PARITY_THRESHOLD = {"fp32": 0.9999, "fp16": 0.999}
 # Ops a fused attention kernel would show up as; the export must not contain them.
 FUSED_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "ScaledDotProductAttention"}
-PROBE_TEXTS = [
-    "a photo of a dog.",
-    "a small red circle on a white background.",
-    "",
-    "an extremely long caption " + "that keeps going " * 30,
-    "Ünïcödé, emoji 🙂 and punctuation!?",
-    "a diagram",
-    "two cats on a sofa",
-    "x",
-]
 
 
 class ParityError(RuntimeError):
@@ -156,13 +145,6 @@ def ort_session(path: Path, precision: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return float("nan")
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    return float(cos.min())
-
-
 def probe_images(size: int, n: int = 8) -> torch.Tensor:
     """Fixed probe batch: normalised-range noise plus smooth gradients, seed 0."""
     g = torch.Generator().manual_seed(0)
@@ -224,7 +206,7 @@ def export_bundle(
         parity: dict[str, Any] = {
             "threshold": threshold,
             "probe": f"{len(images)} images seed 0" + (f"; {len(PROBE_TEXTS)} texts" if towers.text else ""),
-            "image_min_cosine": _min_cosine(got_img, ref_img),
+            "image_min_cosine": min_cosine(got_img, ref_img),
             "image_max_abs_diff": float(np.abs(got_img - ref_img).max()),
             "onnxruntime": ort.__version__,
             "torch": torch.__version__,
@@ -238,7 +220,7 @@ def export_bundle(
             with torch.no_grad():
                 ref_txt = towers.text_reference(torch.from_numpy(tokens)).numpy()
             got_txt = ort_session(work / "text.onnx", precision).run(None, {"input_ids": tokens})[0]
-            parity["text_min_cosine"] = _min_cosine(got_txt, ref_txt)
+            parity["text_min_cosine"] = min_cosine(got_txt, ref_txt)
             parity["text_max_abs_diff"] = float(np.abs(got_txt - ref_txt).max())
             text_spec = TextSpec(file="text.onnx", sha256=sha256_of(work / "text.onnx"),
                                  context_length=towers.context_length, tokenizer_file=TOKENIZER_FILE,
