@@ -63,11 +63,11 @@ def test_cpu_smoke_mode_measures_each_part_or_says_why_not(report: dict) -> None
     assert ort["export"].startswith("skipped: --cpu-smoke")
 
     server = report["sections"]["server"]["results"]["tandem-shapes"]
-    for kind in ("image_jpeg", "text"):
+    for kind in ("image_jpeg", "image_pixels", "text"):
         assert {"c1_n1", "c4_n1", "c1_n4", "c4_n4"} <= set(server[kind])
         assert all(not r["errors"] for k, r in server[kind].items() if k.startswith("c"))
         assert server[kind]["ratio_to_raw_ort"] > 0  # read from section ort of the same run
-    assert server["image_tensor"].startswith("skipped: ")
+    assert report["sections"]["server"]["results"]["precisions"]["tandem-shapes"] == "fp32"  # the CPU: as exported
 
     faiss = report["sections"]["faiss"]["results"]
     flat = faiss["flat"]["2000"]

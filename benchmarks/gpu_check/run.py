@@ -82,7 +82,6 @@ SMOKE_BUDGET_S = 300.0
 GRACE_S = 20.0  # past its budget a worker is killed; what it had saved is kept
 PACKAGES = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "open_clip_torch", "timm",
             "faiss-cpu", "faiss-gpu", "grpcio", "protobuf", "numpy", "tokenizers", "pillow")
-EXTRA_IMAGE_FIELDS_KNOWN = {"model", "version", "images", "unnormalized", "dtype", "float_list"}
 CAPTIONS = [f"a photo of a {size} {colour} {thing}" for size in ("small", "large")
             for colour in ("red", "green", "blue", "yellow") for thing in ("dog", "cat", "car", "circle")]
 
@@ -477,14 +476,14 @@ def sample_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def client_load(target: str, kind: str, model: str, items: int, concurrency: int, start_at: float, stop_at: float,
-                seed: int) -> dict[str, Any]:
+                seed: int, side: int = 224) -> dict[str, Any]:
     """One client process: `concurrency` closed-loop coroutines on one grpc.aio channel; counts what completes
-    between start_at and stop_at (wall clock)."""
-    return asyncio.run(_client_load(target, kind, model, items, concurrency, start_at, stop_at, seed))
+    between start_at and stop_at (wall clock). kind: image (JPEG bytes), pixels (uint8 RGB side x side), text."""
+    return asyncio.run(_client_load(target, kind, model, items, concurrency, start_at, stop_at, seed, side))
 
 
 async def _client_load(target: str, kind: str, model: str, items: int, concurrency: int, start_at: float,
-                       stop_at: float, seed: int) -> dict[str, Any]:
+                       stop_at: float, seed: int, side: int) -> dict[str, Any]:
     import grpc
     from tandem.v1 import tandem_pb2 as pb
     from tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -493,6 +492,13 @@ async def _client_load(target: str, kind: str, model: str, items: int, concurren
         jpegs = sample_jpegs(16, seed)
         requests = [pb.EmbedImageRequest(model=model, images=[jpegs[(i + j) % 16] for j in range(items)])
                     for i in range(16)]
+    elif kind == "pixels":
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        requests = [pb.EmbedImageRequest(model=model, pixels=pb.Pixels(
+            count=items, height=side, width=side,
+            data=rng.integers(0, 256, (items, side, side, 3), dtype=np.uint8).tobytes())) for _ in range(16)]
     else:
         requests = [pb.EmbedTextRequest(model=model, texts=[f"{CAPTIONS[(i + j) % len(CAPTIONS)]} {seed} {i} {j}"
                                                             for j in range(items)]) for i in range(16)]
@@ -500,7 +506,7 @@ async def _client_load(target: str, kind: str, model: str, items: int, concurren
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(target, options=opts) as channel:
         stub = pb_grpc.InferenceStub(channel)
-        call = stub.EmbedImage if kind == "image" else stub.EmbedText
+        call = stub.EmbedText if kind == "text" else stub.EmbedImage
         await asyncio.gather(*(call(requests[k % 16], timeout=120) for k in range(concurrency)))  # warm-up
 
         async def loop(k: int) -> None:
@@ -594,18 +600,17 @@ def worker_server(w: Worker) -> None:
     from bundle import load_bundle
 
     s = w.sizes
-    extra = sorted({f.name for f in pb.EmbedImageRequest.DESCRIPTOR.fields} - EXTRA_IMAGE_FIELDS_KNOWN)
-    tensor_note = ("skipped: EmbedImageRequest has no preprocessed-tensor input yet (fields: images only)" if not extra
-                   else f"skipped: EmbedImageRequest has new fields {extra}; teach benchmarks/gpu_check/run.py to "
-                        "send tensors through them")
     repo = w.work / "serve-models"
     shutil.rmtree(repo, ignore_errors=True)
-    towers: dict[str, list[str]] = {}  # model name -> towers, in the order they are measured
+    towers: dict[str, list[str]] = {}  # model name -> input kinds, in the order they are measured
+    sides: dict[str, int] = {}  # model name -> image size
     for path in bundle_paths(w):
         bundle = load_bundle(path)
         if bundle.manifest.name in towers or bundle.manifest.name.endswith("-fp32"):
             continue  # fp32 ViT-B-32: section ort has its raw figures; the server's time goes to fp16
-        towers[bundle.manifest.name] = ["image", "text"] if bundle.text_path else ["image"]
+        # pixels: raw uint8 RGB at the model's size (EmbedImageRequest.pixels), nothing to decode or resize
+        towers[bundle.manifest.name] = ["image", "pixels", "text"] if bundle.text_path else ["image", "pixels"]
+        sides[bundle.manifest.name] = bundle.manifest.image.size
         dest = repo / bundle.manifest.name / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(path.resolve(), dest)
@@ -617,19 +622,19 @@ def worker_server(w: Worker) -> None:
         with grpc.insecure_channel(target) as ch:
             listed = pb_grpc.ModelsStub(ch).ListModels(pb.ListModelsRequest(), timeout=30)
         w.set(("providers",), {m.model.name: m.execution_provider for m in listed.models})
-        _drive(w, target, towers)
+        w.set(("precisions",), {m.model.name: m.precision for m in listed.models})  # fp16 when converted on CUDA
+        _drive(w, target, towers, sides)
     finally:
         stop_server(proc)
         w.set(("server_log_tail",), log_path.read_text()[-800:])
     for name, kinds in towers.items():
-        w.set((name, "image_tensor"), tensor_note)
-        for tower in kinds:
-            key = "image_jpeg" if tower == "image" else "text"
+        for kind in kinds:
+            key = LOAD_KEYS[kind]
             node = w.results.get(name, {}).get(key)
             if not isinstance(node, dict):
                 continue
             best = max((v["items_per_s"] for v in node.values() if isinstance(v, dict)), default=None)
-            raw, mode = raw_best(w, name, tower)
+            raw, mode = raw_best(w, name, "text" if kind == "text" else "image")
             w.set((name, key, "best_items_per_s"), best)
             w.set((name, key, "ratio_to_raw_ort"), best / raw if best and raw else mode)
             if raw:
@@ -643,7 +648,10 @@ def _warm(_: int) -> None:
     time.sleep(0.5)
 
 
-def _drive(w: Worker, target: str, towers: dict[str, list[str]]) -> None:
+LOAD_KEYS = {"image": "image_jpeg", "pixels": "image_pixels", "text": "text"}
+
+
+def _drive(w: Worker, target: str, towers: dict[str, list[str]], sides: dict[str, int]) -> None:
     """Every (model, tower, concurrency, items per request), each for the same share of the time left."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -653,19 +661,19 @@ def _drive(w: Worker, target: str, towers: dict[str, list[str]]) -> None:
     with ProcessPoolExecutor(s.client_procs, mp_context=get_context("spawn")) as pool:
         list(pool.map(_warm, range(s.client_procs)))
         for n, (name, tower, conc, items) in enumerate(combos):
-            keys = (name, "image_jpeg" if tower == "image" else "text", f"c{conc}_n{items}")
+            keys = (name, LOAD_KEYS[tower], f"c{conc}_n{items}")
             seconds = min(s.load_s, max(0.2, (w.left() - 5) / (len(combos) - n) - 1.5))
-            w.part(keys, lambda a=(pool, s.client_procs, target, name, tower, conc, items, seconds): _one_load(*a),
-                   need_s=seconds + 2)
+            w.part(keys, lambda a=(pool, s.client_procs, target, name, tower, conc, items, seconds, sides[name]):
+                   _one_load(*a), need_s=seconds + 2)
 
 
 def _one_load(pool: Any, procs: int, target: str, model: str, kind: str, concurrency: int, items: int,
-              seconds: float) -> dict[str, Any]:
+              seconds: float, side: int) -> dict[str, Any]:
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (1 if p < concurrency % procs else 0) for p in range(procs)]
     start_at = time.time() + 1.0  # client processes build their requests and warm up first
     stop_at = start_at + seconds
-    futures = [pool.submit(client_load, target, kind, model, items, c, start_at, stop_at, p)
+    futures = [pool.submit(client_load, target, kind, model, items, c, start_at, stop_at, p, side)
                for p, c in enumerate(shares)]
     parts = [f.result(timeout=seconds + 120) for f in futures]
     lat = sorted(x for p in parts for x in p["latencies"])
@@ -1168,7 +1176,7 @@ def summary(report: dict[str, Any]) -> list[str]:
                 lines.append(f"ort {name} {tower}: {num(t)}")
     for name, b in sec.get("server", {}).get("results", {}).items():
         if isinstance(b, dict):
-            for key in ("image_jpeg", "text"):
+            for key in LOAD_KEYS.values():
                 t = b.get(key)
                 if isinstance(t, dict):
                     lines.append(f"server {name} {key}: best {num(t.get('best_items_per_s'))}/s, ratio to raw ORT "
