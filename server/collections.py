@@ -76,7 +76,7 @@ class HitCache:
     """(collection, rowid) -> a hit's fixed parts, the item's id and metadata fields encoded for the wire
     (server/hitwire.py), for the items written or found since the start, of every collection of the server: one
     budget in bytes (hit_cache_bytes), least recently used out first. A collection is a number from `tag()`, never
-    reused, so a dropped collection's entries are never read again and go out first. A rowid's id and metadata
+    reused, so a dropped collection's entries are never read again; `forget` frees them. A rowid's id and metadata
     never change (an upsert of the same id gets a new rowid, and rowids are never reused), so entries never go
     stale. A hit found here costs no SQLite lookup (10 hits: 40-50 us) and no metadata encoding."""
 
@@ -134,6 +134,19 @@ class HitCache:
             added, used, before = added + len(entries), used + size, rows[-1][0]
             time.sleep(0)  # let the event loop have the GIL between pages
         return added, used
+
+    def forget(self, tag: int, chunk: int = 10_000) -> int:
+        """Free collection `tag`'s entries (a dropped collection). The keys are copied under the lock in one C
+        call and removed a chunk at a time, so searches wait for one chunk at most. Returns the entries freed."""
+        with self._lock:
+            keys = list(self._entries)
+        mine = [k for k in keys if k[0] == tag]
+        for i in range(0, len(mine), chunk):
+            with self._lock:
+                for key in mine[i : i + chunk]:
+                    if (old := self._entries.pop(key, None)) is not None:
+                        self.bytes -= _entry_bytes(old)
+        return len(mine)
 
     def _keep(self, entries: Sequence[tuple[tuple[int, int], tuple[bytes, bytes]]]) -> None:
         with self._lock:
@@ -277,11 +290,12 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     @rpc("DropCollection")
     async def DropCollection(self, request: pb.DropCollectionRequest, context: grpc.aio.ServicerContext
                              ) -> pb.DropCollectionResponse:
-        self._collection(request.name)
+        c = self._collection(request.name)
         for key in [k for k in self._batchers if k[0] == request.name]:
             await self._batchers.pop(key).stop()
         await self._off_loop(self.collections.drop, request.name)
         observe(None, request.name)
+        await self._off_loop(self.hits.forget, self._tag(c))  # its cache entries are never read again
         return pb.DropCollectionResponse()
 
     @rpc("Rebuild")

@@ -206,6 +206,20 @@ def test_one_hit_cache_budget_holds_for_all_collections(shapes_server) -> None: 
                 client.drop_collection(name)
 
 
+def test_dropping_a_collection_frees_its_hit_cache_entries(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    service = shapes_server.server.collections_service
+    v = np.random.default_rng(6).standard_normal((40, 64)).astype(np.float32)
+    with TandemClient(shapes_server.target) as client:
+        client.create_collection("dropped")
+        client.upsert("dropped", [{"id": f"d{i}", "vector": v[i], "metadata": {"text": "y" * 40}} for i in range(40)])
+        tag = service._tag(shapes_server.server.collections.get("dropped"))
+        assert len(service.hits.lookup(tag, range(1, 41))) == 40
+        before = service.hits.bytes
+        client.drop_collection("dropped")
+    assert service.hits.lookup(tag, range(1, 41)) == {}
+    assert before - service.hits.bytes >= 40 * 320  # every entry's bytes back in the budget
+
+
 def test_hits_found_again_are_resolved_from_the_cache_not_sqlite(shapes_server, shapes) -> None:  # type: ignore[no-untyped-def]
     c = shapes_server.server.collections.get("shapes")
     asked: list[list[int]] = []
