@@ -6,8 +6,10 @@ and a request that fails, is cancelled or outstays its deadline stops the work i
   semaphore ``try_acquire``), instead of decoding its images only to be refused by the batcher's queue.
 - Preprocessing, all models together: items waiting for or in a preprocessing thread
   (``max_preprocess_items``), the bound on the thread pool's otherwise unbounded queue.
-- Queue timeout (``queue_timeout_ms``, Triton's queue policy with REJECT): an item that waited longer than
-  that for a preprocessing thread is not started; its request gets UNAVAILABLE.
+- Queue timeout (``queue_timeout_ms``, Triton's queue policy with REJECT): a request none of whose items has
+  started after that long in the preprocessing queue is not started; it gets UNAVAILABLE. Once its first item
+  starts, the request is under way: its other items are not timed out (they wait for threads its first items
+  hold, not for a server that is overloaded).
 
 All counting happens on the event loop (one thread): no locks.
 """
@@ -48,16 +50,18 @@ class Work:
     arrived: float = field(default_factory=time.monotonic)
     timeout_s: float = 0.0  # 0: no queue timeout
     stop: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # an item of the request has started: the queue timeout no longer applies
 
     def may_start(self, tower: str) -> bool:
         """Called in the worker thread as an item starts: False (counted) when it must not run."""
         if self.stop.is_set():
             PREPROCESS_ITEMS.labels(tower, "cancelled").inc()
             return False
-        if self.timeout_s and time.monotonic() - self.arrived > self.timeout_s:
+        if self.timeout_s and not self.started and time.monotonic() - self.arrived > self.timeout_s:
             PREPROCESS_ITEMS.labels(tower, "expired").inc()
             self.stop.set()
             raise QueueTimeout()
+        self.started = True
         return True
 
     def timeout_error(self) -> ApiError:

@@ -187,6 +187,38 @@ def test_a_request_that_waited_past_the_queue_timeout_is_not_run(server, stub) -
     still_serving(stub)
 
 
+def test_a_request_under_way_is_not_timed_out_by_its_own_later_items(server, stub, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The queue timeout covers the wait before a request's first item starts. Here each image takes 0.6 s on
+    the one preprocessing thread, so the third starts 1.2 s after the request arrived, past queue_timeout_ms
+    =1000: it waited for the request's own items, not for an overloaded server, and must run."""
+    import server.service as service
+
+    real = service.preprocess
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "preprocess", slow)
+    before = counts()
+    assert stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD] * 3), timeout=30).embeddings.rows == 3
+    after = counts()
+    assert after["ok"] - before["ok"] == 3 and after["expired"] == before["expired"]
+
+
+def test_a_request_that_never_started_still_times_out() -> None:
+    from server.admission import QueueTimeout, Work
+
+    waited = Work(arrived=time.monotonic() - 2, timeout_s=1)
+    with pytest.raises(QueueTimeout):
+        waited.may_start("image")
+    assert waited.stop.is_set()  # its other items are skipped
+    under_way = Work(timeout_s=1)
+    assert under_way.may_start("image")
+    under_way.arrived -= 2  # its next items start 2 s after it arrived
+    assert under_way.may_start("image")
+
+
 def test_more_prompts_than_one_request_may_bring_is_invalid(stub) -> None:  # type: ignore[no-untyped-def]
     templates = [f"{{}} {i}" for i in range(5)]  # 7 labels x 5 templates = 35 > max_inflight_items 32
     expect(lambda: stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=[f"l{i}" for i in range(7)],
