@@ -34,6 +34,38 @@ log = logging.getLogger("tandem.server")
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Inference", "Models", "Collections"))
 
 
+class Health(health.aio.HealthServicer):
+    """grpc's health servicer, except that Watch streams end once shutdown begins, right after they sent
+    NOT_SERVING: a client's open Watch would otherwise hold an idle server for the whole shutdown grace period
+    (grpc.aio waits for every call in progress)."""
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        condition = self._server_watchers[request.service]
+        self._watcher_count_by_service[request.service] += 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:  # as grpc's own Watch
+            self._watcher_count_by_service[request.service] -= 1
+            if self._watcher_count_by_service[request.service] == 0:
+                del self._server_watchers[request.service]
+                del self._watcher_count_by_service[request.service]
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()  # NOT_SERVING for every known service, its watchers woken
+        for condition in list(self._server_watchers.values()):  # and those of names it does not know
+            async with condition:
+                condition.notify_all()
+
+
 class TandemServer:
     """Owns the grpc.aio server, the registry and the health status."""
 
@@ -45,7 +77,7 @@ class TandemServer:
         self.registry = Registry(config)
         metrics.MODEL_STATUS.registry = self.registry
         self.collections = Collections(Path(config.data_dir), config.snapshot_every_changes, config.device)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.registry.health = self.health  # one service name per bundle: tandem.model/<name>/<version>
         self._poll: asyncio.Task[None] | None = None
         self._collections_open = False

@@ -64,7 +64,8 @@ def unavailable(message: str) -> ApiError:
 
 
 def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
-    """Wrap a grpc.aio handler: status mapping, request metrics, error logging."""
+    """Wrap a grpc.aio handler: status mapping, request metrics, error logging, and the answer serialized and
+    held to max_message_bytes (RESOURCE_EXHAUSTED, counted as such). The servicer has the server's `config`."""
 
     def wrap(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         counters: dict[grpc.StatusCode, Any] = {}  # the series, looked up once each
@@ -85,6 +86,13 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
             _in_flight += 1
             try:
                 response = await handler(self, request, context)
+                # Serialized here rather than by grpc, to check its size: an answer over the limit would
+                # otherwise leave as gRPC's own "Sent message larger than max" after being counted OK.
+                data = response if type(response) is bytes else response.SerializeToString()
+                if len(data) > (limit := self.config.max_message_bytes):
+                    raise ApiError(Code.RESOURCE_EXHAUSTED, f"the answer is {len(data):,} bytes, larger than max "
+                                   f"message size max_message_bytes={limit:,}; ask for less in one call (fewer "
+                                   "items, queries or labels, a smaller top_k, no vectors or metadata)")
             except ApiError as e:
                 record(e.code)
                 await context.abort(e.code, e.message)
@@ -105,7 +113,7 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
             finally:
                 _in_flight -= 1
             record(Code.OK)
-            return response
+            return data  # type: ignore[return-value]  # bytes pass through the method's serializer (_serializer)
 
         return wrapped
 

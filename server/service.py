@@ -320,7 +320,7 @@ class Models(pb_grpc.ModelsServicer):
     """What the model repository holds and in which state; LoadModel and UnloadModel (scope admin)."""
 
     def __init__(self, registry: Registry):
-        self.registry = registry
+        self.registry, self.config = registry, registry.config
 
     def info(self, m: LoadedModel) -> pb.ModelInfo:
         man = m.bundle.manifest

@@ -266,3 +266,31 @@ def test_bad_raw_pixels_are_invalid_argument(stub, case: str) -> None:  # type: 
     classify.pixels.CopyFrom(request.pixels)
     expect(lambda: stub.Classify(classify, timeout=30), C.INVALID_ARGUMENT, *fragments)
     still_serving(stub)
+
+
+def test_an_answer_over_the_message_limit_is_refused_and_counted_as_such(tiny_repo) -> None:  # type: ignore[no-untyped-def]
+    """A small Classify request can ask for an answer larger than max_message_bytes (images x labels x label
+    length): RESOURCE_EXHAUSTED saying what to ask for instead, counted as that code, not OK; the server goes
+    on serving."""
+    from server.client import InvalidArgument, MessageTooLarge, TandemClient
+    from server.metrics import REQUESTS
+
+    server = start_server(tiny_repo, default_model="tiny-clip", max_message_bytes=8192)
+    try:
+        stub = pb_grpc.InferenceStub(server.channel())
+        labels = [f"{i} " + "a long label " * 15 for i in range(8)]  # ~200 characters each
+        request = pb.ClassifyRequest(images=[GOOD] * 8, labels=labels, top_k=8, templates=["{}"])
+        assert request.ByteSize() < 8192 / 2
+        ok, exhausted = (REQUESTS.labels("Classify", c)._value.get() for c in ("OK", "RESOURCE_EXHAUSTED"))
+        expect(lambda: stub.Classify(request, timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED,
+               "larger than max message size max_message_bytes=8,192", "smaller top_k")
+        assert REQUESTS.labels("Classify", "OK")._value.get() == ok
+        assert REQUESTS.labels("Classify", "RESOURCE_EXHAUSTED")._value.get() == exhausted + 1
+        small = pb.ClassifyRequest(images=[GOOD] * 8, labels=labels, top_k=1, templates=["{}"])
+        assert len(stub.Classify(small, timeout=30).results) == 8  # the same request asking for less is served
+        with TandemClient(server.target) as client, pytest.raises(MessageTooLarge) as info:
+            client.classify([GOOD] * 8, labels, top_k=8, templates=["{}"])
+        assert isinstance(info.value, InvalidArgument) and not info.value.retryable
+        still_serving(stub)
+    finally:
+        server.stop()

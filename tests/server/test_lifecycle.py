@@ -254,6 +254,24 @@ def test_shutdown_lets_calls_in_progress_finish_within_the_grace(repo) -> None: 
     running.thread.join(timeout=10)
 
 
+def test_open_health_watches_end_with_not_serving_when_shutdown_begins(repo) -> None:  # type: ignore[no-untyped-def]
+    """A Watch stream gets NOT_SERVING and then ends normally when shutdown begins, so that an idle server
+    stops at once: before, grpc.aio waited the whole grace period for the stream and then cut it (UNAVAILABLE)."""
+    running = start_server(repo, shutdown_grace_seconds=60)
+    s = Stubs(running)
+    watches = [s.health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120)
+               for name in ("", "tandem.model/tiny-clip/1", "no-such-service")]
+    firsts = [next(w).status for w in watches]
+    assert firsts == [SERVING, SERVING, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
+    stopping = asyncio.run_coroutine_threadsafe(running.server.stop(), running.loop)
+    rest = [[r.status for r in w] for w in watches]  # raises if a stream ends with an error status
+    assert rest == [[NOT_SERVING], [NOT_SERVING], []]
+    stopping.result(timeout=60)
+    assert all(w.code() == grpc.StatusCode.OK for w in watches)
+    running.loop.call_soon_threadsafe(running.loop.stop)
+    running.thread.join(timeout=10)
+
+
 def test_polling_loads_added_and_changed_bundles_and_unloads_removed_ones(repo) -> None:  # type: ignore[no-untyped-def]
     running = start_server(repo, model_poll_seconds=1)
     try:
