@@ -10,6 +10,7 @@ say how to get it instead of failing with an import error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from server import cli as serving
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tandem search ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in TRAINING_MODULES:
             raise

@@ -96,20 +96,53 @@ class Spec:
                     dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
 
+MAX_SPEC_CHARS = 200
+MAX_NLIST = 1 << 18  # IVF lists; training wants 39 vectors a list, so 10M vectors for the largest
+# FAISS builds these graphs once over all the vectors; a collection adds them a write at a time.
+WHOLE_BUILD_ONLY = ("NSG", "NNDescent")
+
+
 def check_spec(dim: int, index_spec: str, metric: str) -> None:
-    """Raise CollectionError unless FAISS can build `index_spec` for `dim` and `metric`."""
+    """Raise CollectionError unless FAISS can build `index_spec` for `dim` and `metric`, and a collection can
+    use what it builds: parameters FAISS accepts but aborts on later (HNSW0), cannot search with (IVF0), or
+    takes minutes to allocate (IVF99999999) are refused here, before anything is stored."""
     if metric not in METRICS:
         raise CollectionError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     if index_spec == AUTO:
         return
+    if len(index_spec) > MAX_SPEC_CHARS or not index_spec.isprintable():
+        raise CollectionError(f"index_spec {shown(index_spec)} is not a FAISS index_factory string (at most "
+                              f"{MAX_SPEC_CHARS} printable characters); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'")
     if "IDMap" in index_spec:
         raise CollectionError(f"index_spec {index_spec!r}: leave out IDMap, ids are mapped by the collection")
+    for name in WHOLE_BUILD_ONLY:
+        if name in index_spec:
+            raise CollectionError(f"index_spec {index_spec!r}: FAISS builds {name} indexes once over all their "
+                                  "vectors, and a collection adds vectors a write at a time; use 'HNSW32' for a graph")
+    for m in re.finditer(r"IVF(\d+)", index_spec):
+        if not 1 <= int(m.group(1)) <= MAX_NLIST:
+            raise CollectionError(f"index_spec {index_spec!r}: IVF needs 1 to {MAX_NLIST:,} lists, got {m.group(1)} "
+                                  "(about 4 x sqrt(vectors) is usual; 'auto' picks it as the collection grows)")
+    for m in re.finditer(r"IMI(\d+)x(\d+)", index_spec):
+        if int(m.group(1)) * int(m.group(2)) > 18:
+            raise CollectionError(f"index_spec {index_spec!r}: IMI{m.group(1)}x{m.group(2)} makes "
+                                  f"2^{int(m.group(1)) * int(m.group(2))} lists, more than {MAX_NLIST:,}")
+    for m in re.finditer(r"HNSW(\d+)", index_spec):
+        if not 2 <= int(m.group(1)) <= 256:
+            raise CollectionError(f"index_spec {index_spec!r}: HNSW needs 2 to 256 neighbours a node, got "
+                                  f"{m.group(1)} (16 to 64 is usual)")
     try:
         faiss.index_factory(dim, index_spec, METRICS[metric])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "not understood"
         raise CollectionError(f"index_spec {index_spec!r} is not a FAISS index_factory string FAISS can build "
                               f"for dim {dim} ({first}); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'") from None
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """`text` quoted for an error message, cut to `limit` characters: messages travel in gRPC trailers, which
+    refuse more than 8 KiB, and need not echo a client's whole input back."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 def _auto_nlist(n: int) -> int:
@@ -322,6 +355,7 @@ class Collection:
         # cores adds scheduler ticks (ms) to batch-1 latency. The setting is per calling thread.
         faiss.omp_set_num_threads(1 if len(q) < 16 else SEARCH_THREADS)
         sel: faiss.IDSelector | None = None
+        rows = None
         if where is not None:
             # Only live items are in the store, so the matches need no tombstone filtering.
             rows = self.store.matching(*where)
@@ -329,7 +363,7 @@ class Collection:
                 return (*self._exact_over(q, k, rows), True)
             sel = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))
         elif exact and self._approximate:
-            return (*self._exact_all(q, k), True)
+            return (*self._exact_all(q, k, up_to_seq=self.indexed_seq), True)
         if not self._lock.acquire_read(blocking=wait):
             raise IndexBusy(self.spec.name)
         try:
@@ -344,10 +378,38 @@ class Collection:
                         gpu.LOCK.release()
                 if (alive := self._alive_selector()) is not None:
                     sel = alive[0]
-            d, i = self.index.search(q, k, params=self._params(sel) if sel is not None else None)
-            return (*self._scores(d, i), not self._approximate)
+            d, i = self._scores(*self.index.search(q, k, params=self._params(sel) if sel is not None else None))
+            if self._approximate:
+                allowed = len(rows) if rows is not None else self.index.ntotal - len(self._tombstones)
+                d, i = self._widen(q, k, d, i, sel, min(k, allowed), rows)
+            return d, i, not self._approximate
         finally:
             self._lock.release_read()
+
+    def _widen(self, q: np.ndarray, k: int, d: np.ndarray, i: np.ndarray, sel: faiss.IDSelector | None, want: int,
+               rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Queries an approximate search answered with fewer than `want` hits although that many items are
+        allowed, searched again: HNSW stops after efSearch candidates, so deletions or a filter that exclude a
+        query's neighbourhood leave it short, and an IVF index's nprobe lists can hold fewer than a large k.
+        Each retry takes 4x the effort (efSearch, nprobe) up to the whole index; what is still short is scored
+        exactly (the filter's matches, or every stored item). Called under the index's read lock."""
+        short = np.flatnonzero((i >= 0).sum(1) < want)
+        if not len(short):
+            return d, i
+        inner = faiss.downcast_index(self.index.index)
+        hnsw = getattr(inner, "hnsw", None)
+        nlist = faiss.extract_index_ivf(self.index).nlist if self.nprobe else 0
+        effort, top = (hnsw.efSearch, max(want, 4096)) if hnsw is not None else (self.nprobe, nlist)
+        while len(short) and 0 < effort < top:
+            effort = min(4 * effort, top)
+            params = (faiss.SearchParametersHNSW(sel=sel, efSearch=effort) if hnsw is not None
+                      else faiss.SearchParametersIVF(sel=sel, nprobe=effort))
+            d[short], i[short] = self._scores(*self.index.search(q[short], k, params=params))
+            short = short[(i[short] >= 0).sum(1) < want]
+        if len(short):
+            d[short], i[short] = (self._exact_over(q[short], k, rows) if rows is not None
+                                  else self._exact_all(q[short], k, up_to_seq=self.indexed_seq))
+        return d, i
 
     def _search_replica(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Search the GPU copy, which takes no IDSelector: ask for k more hits per tombstone, drop the deleted
@@ -397,8 +459,12 @@ class Collection:
         return q @ v.T
 
     def _exact_over(self, q: np.ndarray, k: int, rowids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Score the given stored items exactly (a selective filter's matches)."""
-        vectors = self.store.vectors_of(rowids)
+        """Score the given stored items exactly (a selective filter's matches; one deleted or replaced since the
+        filter ran is left out)."""
+        got = self.store.rows_by_rowid(rowids)
+        if len(got) < len(rowids):
+            rowids = np.fromiter((r for r in rowids if int(r) in got), np.int64)
+        vectors = np.stack([got[int(r)] for r in rowids]) if len(rowids) else np.zeros((0, self.spec.dim), np.float32)
         return _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
 
     def _exact_all(self, q: np.ndarray, k: int, up_to_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -603,4 +669,4 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def check_name(name: str) -> None:
     if not _NAME.match(name or ""):
-        raise CollectionError(f"collection name {name!r} must be 1-64 characters of letters, digits, '_' and '-'")
+        raise CollectionError(f"collection name {shown(name)} must be 1-64 characters of letters, digits, '_' and '-'")

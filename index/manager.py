@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from .collection import Collection, CollectionError, Spec, check_name
+from .collection import Collection, CollectionError, Spec, check_name, shown
 
 log = logging.getLogger("tandem.index")
 
@@ -89,8 +89,9 @@ class Collections:
     def get(self, name: str) -> Collection:
         c = self._by_name.get(name)
         if c is None:
-            known = ", ".join(sorted(self._by_name)) or "none"
-            raise CollectionNotFound(f"collection {name!r} does not exist (collections: {known})")
+            names = sorted(self._by_name)
+            known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "") or "none"
+            raise CollectionNotFound(f"collection {shown(name)} does not exist (collections: {known})")
         return c
 
     def all(self) -> list[Collection]:

@@ -17,6 +17,7 @@ concurrent clients share an fsync while each acknowledgement still means
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -48,6 +49,10 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 class StoreFull(OSError):
     """The disk (or the database) is full: the write was not stored."""
+
+
+class StoreClosed(RuntimeError):
+    """The store was closed (its collection dropped, or the server stopping) before or while a call used it."""
 
 
 @dataclass
@@ -98,6 +103,8 @@ class Store:
         self._db = connect(self.path)
         self._db.executescript(SCHEMA)
         self._read_lock = threading.Lock()  # one read connection, shared
+        self._closed = False  # set under both locks: no read or write starts after it
+        self._write_gate = threading.Lock()  # a write is queued whole before close() queues the writer's end
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name=f"store-{self.path.parent.name}", daemon=True)
         self._writer_db = connect(self.path)
@@ -107,13 +114,25 @@ class Store:
         self.commits = 0  # transactions committed (each is one fsync): for metrics and tests
         self._writer.start()
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The read connection, alone, while the store is open (closing it during a read crashed SQLite)."""
+        with self._read_lock:
+            if self._closed:
+                raise self._closed_error()
+            yield
+
+    def _closed_error(self) -> StoreClosed:
+        return StoreClosed(f"collection {self.path.parent.name!r} was dropped (or the server is stopping) while this "
+                           "call ran")
+
     # -- meta ------------------------------------------------------------------
     def get_meta(self) -> dict[str, str]:
-        with self._read_lock:
+        with self._reading():
             return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
 
     def set_meta(self, values: dict[str, str]) -> None:
-        with self._read_lock:
+        with self._reading():
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
             self._db.execute("COMMIT")
@@ -126,7 +145,10 @@ class Store:
               delete_where: tuple[str, list[Any]] | None = None) -> Future[Written]:
         """Queue one write; the future resolves once it is committed (durable), or fails whole."""
         job = _Job(puts, delete_ids, delete_where)
-        self._jobs.put(job)
+        with self._write_gate:
+            if self._closed:
+                raise self._closed_error()
+            self._jobs.put(job)
         return job.future
 
     def _write_loop(self) -> None:
@@ -223,7 +245,7 @@ class Store:
     def get(self, ids: Sequence[str]) -> dict[str, tuple[int, np.ndarray, str]]:
         """{id: (rowid, vector, metadata JSON)} for the ids stored."""
         out: dict[str, tuple[int, np.ndarray, str]] = {}
-        with self._read_lock:
+        with self._reading():
             for start in range(0, len(ids), 500):
                 chunk = list(ids[start : start + 500])
                 marks = ",".join("?" * len(chunk))
@@ -235,14 +257,14 @@ class Store:
     def newest(self, before: int, limit: int) -> list[tuple[int, str, str]]:
         """Up to `limit` items (rowid, id, metadata JSON) with rowids below `before`, newest first: a page of a
         walk from the newest item back (before = 2**63 - 1 to start)."""
-        with self._read_lock:
+        with self._reading():
             return self._db.execute("SELECT rowid, id, metadata FROM items WHERE rowid < ? ORDER BY rowid DESC "
                                     "LIMIT ?", (before, limit)).fetchall()
 
     def by_rowids(self, rowids: Sequence[int]) -> dict[int, tuple[str, str]]:
         """{rowid: (id, metadata JSON)} for the rowids still stored."""
         out: dict[int, tuple[str, str]] = {}
-        with self._read_lock:
+        with self._reading():
             for start in range(0, len(rowids), 500):
                 chunk = [int(r) for r in rowids[start : start + 500]]
                 marks = ",".join("?" * len(chunk))
@@ -253,18 +275,13 @@ class Store:
 
     def matching(self, where: str, params: list[Any]) -> np.ndarray:
         """int64 rowids of the items a filter (SQL over `metadata`) matches."""
-        with self._read_lock:
+        with self._reading():
             return np.fromiter((r for (r,) in self._db.execute(f"SELECT rowid FROM items WHERE {where}", params)),
                                np.int64)
 
-    def vectors_of(self, rowids: np.ndarray) -> np.ndarray:
-        """float32 [len(rowids), dim] in the order given (rowids must be stored)."""
-        got = self.rows_by_rowid(rowids)
-        return np.stack([got[int(r)] for r in rowids]) if len(rowids) else np.zeros((0, self.dim), np.float32)
-
     def rows_by_rowid(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
-        with self._read_lock:
+        with self._reading():
             for start in range(0, len(rowids), 500):
                 chunk = [int(r) for r in rowids[start : start + 500]]
                 marks = ",".join("?" * len(chunk))
@@ -277,7 +294,7 @@ class Store:
         """(rowids int64 [b], vectors float32 [b, dim]) of the stored items written in (after_seq, up_to_seq]."""
         last, top = 0, up_to_seq if up_to_seq is not None else 2**62
         while True:
-            with self._read_lock:
+            with self._reading():
                 rows = self._db.execute(
                     "SELECT rowid, vector FROM items WHERE seq > ? AND seq <= ? AND rowid > ? ORDER BY rowid LIMIT ?",
                     (after_seq, top, last, batch)).fetchall()
@@ -288,18 +305,24 @@ class Store:
                    np.frombuffer(b"".join(v for _, v in rows), np.float32).reshape(len(rows), self.dim))
 
     def deleted_after(self, seq: int) -> np.ndarray:
-        with self._read_lock:
+        with self._reading():
             return np.fromiter((r for (r,) in self._db.execute("SELECT rowid FROM deletions WHERE seq > ?", (seq,))),
                                np.int64)
 
     def prune_deletions(self, up_to_seq: int) -> None:
         """Forget deletions that a durable snapshot no longer needs."""
-        with self._read_lock:
+        with self._reading():
             self._db.execute("DELETE FROM deletions WHERE seq <= ?", (up_to_seq,))
 
     def close(self) -> None:
-        self._jobs.put(None)
+        """Writes queued before this commit; later calls raise StoreClosed; reads in progress finish first."""
+        with self._write_gate, self._read_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.put(None)
         self._writer.join(timeout=30)
         self._writer_db.close()
-        self._db.close()
+        with self._read_lock:
+            self._db.close()
 

@@ -235,6 +235,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _at_least_1(text: str) -> int:
+    """argparse type: a whole number of 1 or more (argparse's own message names the option)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is less than 1")
+    return n
+
+
 def _short(value: Any) -> str:
     value = _plain(value)
     if isinstance(value, str):
@@ -734,14 +745,14 @@ gets a grey box.""")
     p.add_argument("queries", nargs="*", metavar="QUERY", help="text queries (each one a query)")
     p.add_argument("--image", action="append", metavar="FILE", help="an image query (repeatable)")
     p.add_argument("--collection", required=True, help="the collection to search")
-    p.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument("--top-k", type=_at_least_1, default=10, help="hits per query (default 10)")
     p.add_argument("--filter", default="", metavar="EXPR", help="only items whose metadata match (see below)")
     p.add_argument("--exact", action="store_true", help="score every (matching) item instead of using the "
                    "approximate index")
     p.add_argument("--sheet", metavar="OUT.png", help="also write a PNG contact sheet of the hits")
     p.add_argument("--root", default=".", metavar="FOLDER",
                    help="--sheet: the folder hit paths are relative to (default: the current folder)")
-    p.add_argument("--thumb", type=int, default=128, help="--sheet: thumbnail side in pixels (default 128)")
+    p.add_argument("--thumb", type=_at_least_1, default=128, help="--sheet: thumbnail side in pixels (default 128)")
     _server_args(p)
     p.set_defaults(func=cmd_search)
 

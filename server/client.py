@@ -317,6 +317,9 @@ def _item(item: Mapping[str, Any]) -> pb.Item:
     unknown = set(item) - {"id", "text", "image", "vector", "metadata"}
     if unknown:
         raise ValueError(f"item {item.get('id')!r} has unknown keys {sorted(unknown)}")
+    if len(contents := [k for k in ("text", "image", "vector") if k in item]) > 1:
+        raise ValueError(f"item {item.get('id')!r} has {' and '.join(contents)}; give exactly one of text, image, "
+                         "vector (the server embeds one thing an item)")
     out = pb.Item(id=item["id"])
     if "text" in item:
         out.text = item["text"]

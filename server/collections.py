@@ -393,7 +393,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                                     f"ids are 1 to {MAX_ID_CHARS} characters")
             elif item.id in last:
                 errors[last[item.id]] = invalid(f"items[{last[item.id]}] id {item.id!r} appears again at items[{i}]; "
-                                                "the last one is stored")
+                                                "only the last one counts (stored if it is valid: see its status)")
             if item.id and i not in errors:
                 last[item.id] = i
         metadata: dict[int, str] = {}
@@ -535,6 +535,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                         raise v
                     plain[key] = v
                 elif kind == "id":
+                    if not t.id or len(t.id) > MAX_ID_CHARS:
+                        raise invalid(f"{what}.id is {'empty' if not t.id else f'{len(t.id):,} characters'}; ids "
+                                      f"are 1 to {MAX_ID_CHARS} characters")
                     ids[key] = t.id
                 else:
                     raise invalid(f"{what} is empty; set one of text, image, vector or id")

@@ -19,6 +19,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
+from index.store import StoreClosed
+
 from . import metrics
 from .batcher import QueueExpired, QueueFull
 
@@ -102,6 +104,9 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
             except QueueExpired as e:
                 record(Code.UNAVAILABLE)
                 await context.abort(Code.UNAVAILABLE, str(e))
+            except StoreClosed as e:  # the collection was dropped while the call used it
+                record(Code.NOT_FOUND)
+                await context.abort(Code.NOT_FOUND, str(e))
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 record(Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED)

@@ -120,7 +120,51 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path: Path) -> None:
         cs.create(spec("IVF,Bogus"))
     with pytest.raises(CollectionError, match="leave out IDMap"):
         cs.create(spec("IDMap,Flat"))
+    # Specs FAISS builds, but aborts on at the first write (HNSW0), cannot search with (IVF0), takes minutes to
+    # allocate (IVF99999999), or builds only once over all vectors (NSG): refused before anything is stored.
+    for bad, reason in [("HNSW0", "HNSW needs 2 to 256"), ("IVF64_HNSW1,Flat", "HNSW needs 2 to 256"),
+                        ("IVF0,Flat", "IVF needs 1 to 262,144 lists"), ("IVF99999999,Flat", "got 99999999"),
+                        ("IMI2x16,Flat", r"2\^32 lists"), ("NSG32", "builds NSG indexes once"),
+                        ("Flat\x00", "printable"), ("Flat," * 100, "at most 200")]:
+        with pytest.raises(CollectionError, match=reason):
+            cs.create(spec(bad))
     assert cs.all() == [] and [p.name for p in (tmp_path / "collections").iterdir()] == []
+    for good in ("HNSW32", "IVF64,Flat", "OPQ8,IVF64,PQ8"):
+        cs.create(Spec.new(f"ok{len(cs.all())}", "m", "1", "sha", 16, "cosine", good))
+    cs.close()
+
+
+def test_approximate_searches_return_k_hits_when_k_items_are_allowed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """HNSW stops after efSearch candidates: with a query's whole neighbourhood deleted or filtered out it came
+    back with a few hits or none; an IVF index's nprobe lists held fewer than a large k. Such queries are
+    searched again with more effort, then exactly: k hits whenever k items are allowed."""
+    import index.collection as collection
+
+    x = vectors(3000, centres=30, noise=0.2, seed=3)
+    labels = np.argmax(x @ x[np.arange(30) * 100].T, axis=1)  # a cluster number per vector
+    hnsw = Collection.create(tmp_path / "h", spec("HNSW8"))
+    hnsw.store.write([Put(f"v{i}", v, json.dumps({"cluster": int(c)})) for i, (v, c) in enumerate(zip(x, labels))]).result()
+    near = x[labels == labels[0]][:20]  # queries inside cluster labels[0]
+    others = int((labels != labels[0]).sum())
+    hnsw.store.write(delete_ids=[f"v{i}" for i in np.flatnonzero(labels == labels[0])]).result()  # all of it
+    _, i, _ = hnsw.search(near, 50)
+    assert ((i >= 0).sum(1) == 50).all()
+    assert not np.isin(i, [r for r in range(1, 3001) if labels[r - 1] == labels[0]]).any()
+    monkeypatch.setattr(collection, "EXACT_FILTER_MAX", 100)  # the filter's matches go to FAISS, not exact scoring
+    where = ("json_extract(metadata, '$.cluster') != ?", [int(labels[1])])
+    _, i, _ = hnsw.search(x[labels == labels[1]][:20], 50, where=where)
+    assert ((i >= 0).sum(1) == 50).all() and others > 50
+    hnsw.close()
+
+    ivf = Collection.create(tmp_path / "i", spec("IVF16,Flat"))
+    put_all(ivf, x)
+    deadline = time.monotonic() + 60
+    while ivf.describe()["index_kind"] != "IVF16,Flat" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ivf.nprobe < 16
+    _, i, _ = ivf.search(x[:5], 1000)  # more than nprobe lists hold
+    assert ((i >= 0).sum(1) == 1000).all() and all(len(set(row)) == 1000 for row in i)
+    ivf.close()
 
 
 def test_searches_go_on_while_a_snapshot_serializes_the_index(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -448,7 +448,7 @@ def test_bad_items_get_their_own_status_and_good_ones_are_stored(shapes_server, 
     msgs = [x.message for x in r.results]
     assert "items[1].id is empty" in msgs[1] and "257 characters" in msgs[2]
     assert "1 x 3" in msgs[3] and "dim 64" in msgs[3] and "NaN" in msgs[4]
-    assert "appears again at items[6]; the last one is stored" in msgs[5]
+    assert "appears again at items[6]; only the last one counts" in msgs[5]
     assert "metadata['a']" in msgs[7] and "max_metadata_bytes" in msgs[8]
     assert "items[9].image" in msgs[9] and "items[10].text is empty" in msgs[10]
     assert r.upserted == 3 and sorted(got.items) == ["dup", "good-1", "good-2"] and got.items["dup"] == {"v": 2}
@@ -602,3 +602,56 @@ def test_metrics_say_where_a_collection_searches_and_how_many_items_it_holds(sha
         c.create_collection("gone")
         c.drop_collection("gone")
     assert REGISTRY.get_sample_value("tandem_collection_items", {"collection": "gone"}) is None
+
+
+def test_dropping_a_collection_while_others_read_and_write_it(shapes_server) -> None:  # type: ignore[no-untyped-def]
+    """Drop closed the collection's SQLite connection while a Get or a filtered Search was using it: the server
+    died in libsqlite3 (segfault). Calls that race a drop now answer NOT_FOUND, writes too (they used to wait
+    for a writer thread that had ended), and the server goes on."""
+    import threading
+
+    from server.client import TandemError
+
+    rng = np.random.default_rng(9)
+    v = rng.standard_normal((50, 64)).astype(np.float32)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def work(kind: str) -> None:
+        with TandemClient(shapes_server.target, timeout_s=20) as c:
+            while not stop.is_set():
+                try:
+                    if kind == "get":
+                        c.get("racing", [f"x{i}" for i in range(50)], with_vectors=True)
+                    elif kind == "search":
+                        c.search("racing", v[0], filter="not exists zz")
+                    else:
+                        c.upsert("racing", [{"id": f"x{i}", "vector": v[i]} for i in range(50)])
+                    seen.append("OK")
+                except TandemError as e:
+                    seen.append(e.code.name)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in ("get", "get", "search", "upsert")]
+    with TandemClient(shapes_server.target) as admin:
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(25):
+                admin.create_collection("racing")
+                admin.upsert("racing", [{"id": f"x{i}", "vector": v[i]} for i in range(50)])
+                admin.drop_collection("racing")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert not any(t.is_alive() for t in threads)  # no call hung
+        assert set(seen) <= {"OK", "NOT_FOUND"}, sorted(set(seen))
+        assert "racing" not in [c.name for c in admin.list_collections()]
+
+
+def test_the_client_refuses_an_item_with_two_contents() -> None:
+    from server.client import _item
+
+    with pytest.raises(ValueError, match="has image and vector; give exactly one of text, image, vector"):
+        _item({"id": "a", "image": b"\x89PNG", "vector": np.zeros(4)})
+    assert _item({"id": "a", "text": "x"}).text == "x"
