@@ -521,6 +521,15 @@ def tower_shares(mix: dict[str, float]) -> dict[str, float]:
     return shares
 
 
+def raw_mix(mix: dict[str, float], items: int, raw: dict[str, Any]) -> float:
+    """Items/s the bare model would deliver under the mix: the items of an average request over the model time
+    it takes. A model kind sends `items` items, a health check counts one item and takes no model time."""
+    total = sum(mix.values())
+    per_request = sum(w / total * (items if TOWER[k] else 1) for k, w in mix.items())
+    seconds = sum(w / total * items / raw[TOWER[k]]["items_per_s"] for k, w in mix.items() if TOWER[k])
+    return per_request / seconds
+
+
 def server_over_raw(step: dict[str, Any], raw: dict[str, Any]) -> float | None:
     """The share of the model's raw capacity the server delivered: sum over towers of server items/s of that
     tower / raw best-batch items/s of that tower (for one tower, plainly server/raw)."""
@@ -631,8 +640,7 @@ async def _sweep(args: argparse.Namespace, report: dict[str, Any]) -> None:
             _say(f"raw ONNX Runtime on {name} ({', '.join(towers)}), batches up to {args.raw_max_batch}, "
                  f"{args.raw_seconds:g} s per tower ...")
             report["raw"] = raw_throughput(bundle, towers, plan, args.raw_max_batch, args.raw_seconds)
-            shares = tower_shares(args.mix)
-            report["raw_mix_items_per_s"] = 1.0 / sum(s / report["raw"][t]["items_per_s"] for t, s in shares.items())
+            report["raw_mix_items_per_s"] = raw_mix(args.mix, args.items, report["raw"])
             for t in towers:
                 r = report["raw"][t]
                 _say(f"  raw {t}: {r['items_per_s']:,.0f} items/s at batch {r['best_batch']}")
@@ -688,13 +696,15 @@ def step_line(step: dict[str, Any]) -> str:
     return line
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark; returns the report (what --json writes)."""
+def run(args: argparse.Namespace, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole benchmark; returns the report (what --json writes). Given `report`, fills it in place, so that
+    a caller keeps the steps measured before an error."""
     import onnxruntime
 
     if args.metrics_url is None:
         args.metrics_url = metrics_url_for(args.server)
-    report: dict[str, Any] = {
+    report = {} if report is None else report
+    report.update({
         "server": args.server,
         "mix": args.mix,
         "items_per_request": args.items,
@@ -709,7 +719,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "raw": {},
         "steps": [],
-    }
+    })
     asyncio.run(_sweep(args, report))
     return report
 
@@ -755,13 +765,16 @@ def markdown(report: dict[str, Any]) -> str:
     for s in with_server:
         for b in s["server"]["batch_sizes"].values():
             ranges += [r for r, n in b["histogram"].items() if r not in ranges and n]
-    lines += ["", "### Batch sizes (server: ONNX Runtime runs per batch size, during the measured window)", "",
-              f"| {head} | tower | batches | " + " | ".join(ranges) + " | mean |",
-              "|---:|---|---:|" + "---:|" * len(ranges) + "---:|"]
-    for s in with_server:
-        for tower, b in s["server"]["batch_sizes"].items():
-            counts = " | ".join(str(b["histogram"].get(r, 0)) for r in ranges)
-            lines.append(f"| {level(s)} | {tower} | {b['batches']} | {counts} | {b['mean']:.1f} |")
+    lines += ["", "### Batch sizes (server: ONNX Runtime runs per batch size, during the measured window)", ""]
+    if not ranges:  # health checks only, or no model run finished in the window
+        lines.append("(no ONNX Runtime runs in the measured windows)")
+    else:
+        lines += [f"| {head} | tower | batches | " + " | ".join(ranges) + " | mean |",
+                  "|---:|---|---:|" + "---:|" * len(ranges) + "---:|"]
+        for s in with_server:
+            for tower, b in s["server"]["batch_sizes"].items():
+                counts = " | ".join(str(b["histogram"].get(r, 0)) for r in ranges)
+                lines.append(f"| {level(s)} | {tower} | {b['batches']} | {counts} | {b['mean']:.1f} |")
 
     stage_keys = sorted({k for s in with_server for k in s["server"]["stages"]},
                         key=lambda k: (k.split("/")[0], STAGES.index(k.split("/")[1]) if k.split("/")[1] in STAGES
@@ -876,8 +889,9 @@ request kinds for --mix (KIND=WEIGHT, comma separated; each request picks a kind
   pixels    EmbedImage, --items raw RGB images at the model's image size (Pixels: nothing to decode or resize)
   classify  Classify, --items PNGs against 8 labels (label embeddings are cached by the server)
   search    Search on --collection, --items text queries, top 10
-  health    grpc.health.v1 Check, no items: the floor of one request through this server's gRPC stack on
-            this machine (no model, no handler of ours); text at 1 item can at most reach its requests/s
+  health    grpc.health.v1 Check, counted as one item a request (whatever --items): the floor of one request
+            through this server's gRPC stack on this machine (no model, no handler of ours); text at 1 item
+            can at most reach its requests/s
 
 exit status: 0 when the sweep ran (even with errors counted in it), 1 when it could not run (no server,
 unknown model, missing bundle ...), 2 for bad options."""
@@ -945,17 +959,30 @@ def main(args: argparse.Namespace) -> int:
     if args.duration <= 0 or args.warmup < 0 or args.timeout <= 0:
         print("error: --duration and --timeout must be above 0, --warmup at least 0", file=sys.stderr)
         return 2
+    report: dict[str, Any] = {}
     try:
-        report = run(args)
-        print(markdown(report), end="")
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        if args.plot:
-            write_plot(report, Path(args.plot))
+        run(args, report)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if report.get("steps"):  # the steps measured before it failed are kept
+            report["error"] = str(e)
+            print(f"(the {len(report['steps'])} step(s) measured, the last one up to the error:)", file=sys.stderr)
+            _write(report, args)
+        return 1
+    try:
+        _write(report, args)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
+    print(markdown(report), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        write_plot(report, Path(args.plot))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -148,6 +148,49 @@ def test_health_checks_measure_the_floor_of_a_request_beside_texts(default_serve
     assert set(report["raw"]) == {"text"}  # the raw baseline of the tower the texts use, none for health
     assert step["server_over_raw"] == pytest.approx(text["items_per_s"] / report["raw"]["text"]["items_per_s"])
     assert step["server"]["requests"].get("EmbedText OK") == text["requests"]
+    # The bare model's rate under this mix: 1 + 3 items an average pair of requests, model time for the 3 only.
+    assert report["raw_mix_items_per_s"] == pytest.approx(4 / (3 / report["raw"]["text"]["items_per_s"]))
+
+
+def test_a_health_only_sweep_writes_well_formed_markdown(default_server, metrics_url: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("--server", default_server.target, "--metrics-url", metrics_url, "--no-raw", "--concurrency", "2",
+                 "--duration", "0.3", "--warmup", "0", "--mix", "health")
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    tables = [line for line in out.splitlines() if line.startswith("|")]
+    assert tables and all(line.count("|") == tables[0].count("|") for line in tables[:3])  # header, rule, row
+    assert "(no ONNX Runtime runs in the measured windows)" in out
+
+
+def test_steps_measured_before_the_server_died_are_kept(metrics_url: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    server = start_server(SHIPPED_MODELS)
+    out = tmp_path / "bench.json"
+    real = bench.run_load
+    steps = 0
+
+    async def load_then_stop(*a, **kw):  # type: ignore[no-untyped-def]
+        nonlocal steps
+        result = await real(*a, **kw)
+        steps += 1
+        if steps == 1:  # the first step is measured: the server goes away before the second
+            server.stop()
+        return result
+
+    bench.run_load = load_then_stop
+    try:
+        args = parse("--server", server.target, "--metrics-url", "", "--no-raw", "--concurrency", "1,2",
+                     "--duration", "0.3", "--warmup", "0", "--mix", "text", "--json", str(out), "--timeout", "5")
+        assert bench.main(args) == 1
+    finally:
+        bench.run_load = real
+    report = json.loads(out.read_text())
+    first, second = report["steps"]
+    assert first["items"] > 0 and second["requests"] == 0 and set(second["errors"]) == {"UNAVAILABLE"}
+    assert "stopped answering" in report["error"]
+    captured = capsys.readouterr()
+    assert "stopped answering" in captured.err and "| 1 |" in captured.out
 
 
 def test_raw_pixel_requests_skip_decoding(default_server, metrics_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
