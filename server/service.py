@@ -49,9 +49,11 @@ def _matrix(x: np.ndarray, request: pb.EmbedTextRequest | pb.EmbedImageRequest) 
         raise invalid(str(e)) from None
 
 
-def check_labels(labels: list[str], templates: list[str], config: ServerConfig) -> None:
+def check_labels(labels: list[str], templates: list[str], config: ServerConfig, defaults: bool = False) -> None:
     """Labels and templates within their limits, and the prompts they make within the text budgets, counted
-    without building a prompt: a 54 KB request could otherwise make a 100-million-character prompt list."""
+    without building a prompt: a 54 KB request could otherwise make a 100-million-character prompt list.
+    `defaults`: the templates are the server's (the request sent none), which messages must not call the
+    request's."""
     if not labels:
         raise invalid("labels is empty; send at least one candidate label, e.g. ['dog', 'cat']")
     if len(labels) > config.max_labels:
@@ -61,10 +63,13 @@ def check_labels(labels: list[str], templates: list[str], config: ServerConfig) 
         if label in seen:
             raise invalid(f"labels[{i}] {label!r} repeats labels[{seen[label]}]; labels must be unique")
         seen[label] = i
-    if len(templates) > config.max_templates:
+    if len(templates) > config.max_templates and not defaults:  # the limits on templates are for the client's
         raise invalid(f"templates has {len(templates)} entries, more than max_templates={config.max_templates}")
     slots = []
     for i, t in enumerate(templates):
+        if defaults:
+            slots.append(t.count("{}"))
+            continue
         if len(t) > config.max_template_chars:
             raise invalid(f"templates[{i}] has {len(t)} characters, more than "
                           f"max_template_chars={config.max_template_chars}")
@@ -87,9 +92,11 @@ def check_labels(labels: list[str], templates: list[str], config: ServerConfig) 
     longest_label = max(len(label) for label in labels)
     for i, (t, k) in enumerate(zip(templates, slots)):
         if (longest := len(t) - 2 * k + k * longest_label) > config.max_text_chars:
-            raise invalid(f"templates[{i}] with the longest label ({longest_label} characters, {k} times) makes "
-                          f"a prompt of {longest} characters, more than max_text_chars={config.max_text_chars}; "
-                          "send shorter labels or fewer '{}' per template")
+            which = f"the default template {t!r}" if defaults else f"templates[{i}]"
+            raise invalid(f"labels[{max(range(len(labels)), key=lambda j: len(labels[j]))}] ({longest_label} "
+                          f"characters) in {which} makes a prompt of {longest} characters, more than "
+                          f"max_text_chars={config.max_text_chars}; send shorter labels"
+                          + ("" if defaults else " or fewer '{}' per template"))
     total = len(labels) * sum(len(t) - 2 * k for t, k in zip(templates, slots)) + sum(slots) * sum(map(len, labels))
     if total > config.max_request_text_chars:
         raise invalid(f"{len(labels)} labels x {len(templates)} templates make {prompts} prompts of {total:,} "
@@ -294,7 +301,7 @@ class Inference(pb_grpc.InferenceServicer):
         templates = list(request.templates) or list(zero_shot.DEFAULT_TEMPLATES)
         metrics.ITEMS.labels("Classify").inc(len(images))
         self._check_texts(labels, "labels")
-        check_labels(labels, templates, self.config)
+        check_labels(labels, templates, self.config, defaults=not request.templates)
         key = (tuple(labels), tuple(templates))
         label_emb = m.labels.get(key)
         metrics.ZERO_SHOT_CACHE.labels("hit" if label_emb is not None else "miss").inc()

@@ -211,8 +211,12 @@ BUDGET_CASES = {
         lambda s: s.Classify(classify(["a"], ["{} {} {}"]), timeout=30),
         ("templates[0] has 3 '{}' label slots", "max_template_slots=2")),
     "a prompt over the text limit": (
-        lambda s: s.Classify(classify(["x" * 110], ["{} and {}"]), timeout=30),
-        ("makes a prompt of 225 characters", "max_text_chars=200")),
+        lambda s: s.Classify(classify(["a", "x" * 110], ["{} and {}"]), timeout=30),
+        ("labels[1] (110 characters) in templates[0] makes a prompt of 225 characters", "max_text_chars=200")),
+    "a prompt over the text limit with the default templates": (  # the message names no template not sent
+        lambda s: s.Classify(pb.ClassifyRequest(images=[GOOD], labels=["x" * 195]), timeout=30),
+        ("labels[0] (195 characters) in the default template 'a photo of a {}.' makes a prompt of",
+         "max_text_chars=200; send shorter labels")),
     "prompts over the characters per request": (  # 5 x 2 + 2 x 500: the amplification of a 54 KB request
         lambda s: s.Classify(classify([c * 100 for c in "abcde"], ["{}", "a {}"]), timeout=30),
         ("5 labels x 2 templates make 10 prompts of 1,010 characters", "max_request_text_chars=500")),
