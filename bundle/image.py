@@ -117,6 +117,20 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Image.
                               "(a row over 256 MiB); downscale it") from None
 
 
+# The first bytes of the accepted formats (WebP: RIFF, 4 bytes of size, WEBP).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def sniff(data: bytes) -> str | None:
+    """Why `data` cannot be an accepted image, from its first bytes alone, or None if it may be one: a request's
+    empty or non-image items are refused before any of its images is decoded (decode says the same, later)."""
+    if not data:
+        return "is empty (0 bytes)"
+    if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return None
+    return _unsupported_reason(data)
+
+
 def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 

@@ -17,7 +17,7 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from bundle import zero_shot
-from bundle.image import ImageInputError, preprocess, preprocess_pixels
+from bundle.image import ImageInputError, preprocess, preprocess_pixels, sniff
 
 from . import metrics, wire
 from .admission import ADMISSION_REJECTED, PREPROCESS_ITEMS, Admission, QueueTimeout
@@ -238,6 +238,9 @@ class Inference(pb_grpc.InferenceServicer):
         if not request.HasField("pixels"):
             images = list(request.images)
             self._check_count(len(images), "images")
+            for i, data in enumerate(images):  # empty and non-image items fail the request before any decoding
+                if (why := sniff(data)) is not None:
+                    raise invalid(f"images[{i}] {why}")
             return images
         if request.images:
             raise invalid("the request sets both images (encoded files) and pixels (raw RGB); send one of them")

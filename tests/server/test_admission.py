@@ -140,9 +140,20 @@ def test_a_full_preprocessing_queue_refuses_at_once(server, stub) -> None:  # ty
     still_serving(stub)
 
 
+def test_a_non_image_item_fails_its_request_before_any_decoding(server, stub) -> None:  # type: ignore[no-untyped-def]
+    before = counts()
+    expect(lambda: stub.EmbedImage(pb.EmbedImageRequest(images=[GOOD] * 25 + [b"junk", b""]), timeout=30),
+           C.INVALID_ARGUMENT, "images[25] is not a recognisable image (4 bytes")
+    expect(lambda: stub.Classify(pb.ClassifyRequest(images=[GOOD, b""], labels=["a", "b"]), timeout=30),
+           C.INVALID_ARGUMENT, "images[1] is empty (0 bytes)")
+    drain(server)
+    assert counts() == before  # nothing decoded, nothing started
+
+
 def test_a_failed_image_stops_the_rest_of_its_request(server, stub) -> None:  # type: ignore[no-untyped-def]
     before = counts()
-    expect(lambda: stub.EmbedImage(pb.EmbedImageRequest(images=[b"junk"] + [GOOD] * 25), timeout=30),
+    truncated = GOOD[:60]  # a PNG's first bytes: it looks like an image until it is decoded
+    expect(lambda: stub.EmbedImage(pb.EmbedImageRequest(images=[truncated] + [GOOD] * 25), timeout=30),
            C.INVALID_ARGUMENT, "images[0]")
     drain(server)
     after = counts()
