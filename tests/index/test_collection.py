@@ -241,3 +241,28 @@ def test_a_snapshot_that_fails_midway_leaves_the_last_one_whole(tmp_path: Path, 
     reopened = Collection.open(folder)
     assert reopened.snapshot_seq == 1 and reopened.count() == 30 and reopened.index.ntotal == 30  # 10 replayed
     reopened.close()
+
+
+def test_an_exact_search_racing_a_replacement_returns_each_item_once(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """exact=True on an approximate index scans the store in blocks. An item replaced between two blocks was
+    found twice, its old row in the first block and its new row in a later one: the scan now stops at the
+    writes the index held when the search began."""
+    c = Collection.create(tmp_path / "c", spec("HNSW8"))
+    x = vectors(300, seed=4)
+    put_all(c, x)
+    real_scan = c.store.scan
+    replaced: list[int] = []
+
+    def scan_with_a_write_between_blocks(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for n, block in enumerate(real_scan(*args, **{**kwargs, "batch": 100})):
+            yield block
+            if n == 0:  # v0 (in the first block) is replaced by a copy that lands in a later block
+                replaced.append(c.store.write([Put("v0", x[0], "{}")]).result().seq)
+
+    monkeypatch.setattr(c.store, "scan", scan_with_a_write_between_blocks)
+    _, rowids, exact = c.search(x[:1], 5, exact=True)
+    assert exact and replaced
+    found = [int(r) for r in rowids[0] if r >= 0]
+    assert len(found) == 5 and found[0] == 1  # v0's row as the search began (rowid 1), once
+    assert all(r <= 300 for r in found)  # nothing written after the search began (v0's new row is 301)
+    c.close()
