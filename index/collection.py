@@ -29,6 +29,7 @@ Index life:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -143,6 +144,25 @@ def shown(text: str, limit: int = 80) -> str:
     """`text` quoted for an error message, cut to `limit` characters: messages travel in gRPC trailers, which
     refuse more than 8 KiB, and need not echo a client's whole input back."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_kind(kind: str, dim: int, metric: str) -> bool:
+    """Whether a factory string scores every vector exactly: a flat index, after normalisation only, or re-ranked
+    exactly by a refine step over one ('L2norm,Flat', 'Flat,Refine(Flat)')."""
+    return _exact_index(faiss.index_factory(dim, kind, METRICS[metric]))
+
+
+def _exact_index(owner: faiss.Index) -> bool:
+    index = faiss.downcast_index(owner)  # a view: `owner` keeps the C++ object alive meanwhile
+    if isinstance(index, faiss.IndexFlat):
+        return True
+    if isinstance(index, faiss.IndexPreTransform):
+        steps = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+        return all(isinstance(t, faiss.NormalizationTransform) for t in steps) and _exact_index(index.index)
+    if isinstance(index, faiss.IndexRefine):
+        return _exact_index(index.refine_index) and _exact_index(index.base_index)
+    return False
 
 
 def _auto_nlist(n: int) -> int:
@@ -425,7 +445,7 @@ class Collection:
 
     @property
     def _approximate(self) -> bool:
-        return self.kind != "Flat"
+        return self.kind != "Flat" and not _exact_kind(self.kind, self.spec.dim, self.spec.metric)
 
     @property
     def exact(self) -> bool:

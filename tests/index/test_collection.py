@@ -131,6 +131,9 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path: Path) -> None:
     assert cs.all() == [] and [p.name for p in (tmp_path / "collections").iterdir()] == []
     for good in ("HNSW32", "IVF64,Flat", "OPQ8,IVF64,PQ8"):
         cs.create(Spec.new(f"ok{len(cs.all())}", "m", "1", "sha", 16, "cosine", good))
+    # Exact specs besides Flat say so (searches skip the approximate index's retries and exact=True scans)
+    for good, exact in (("L2norm,Flat", True), ("Flat,Refine(Flat)", True), ("HNSW32,Refine(Flat)", False)):
+        assert cs.create(Spec.new(f"ok{len(cs.all())}", "m", "1", "sha", 16, "cosine", good)).exact is exact
     cs.close()
 
 
