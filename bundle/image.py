@@ -64,11 +64,11 @@ def decode_bytes(img: Image.Image) -> int:
     width, height = img.size
     stored = _STORED_BYTES.get(img.mode, 4)
     converted = 0 if img.mode in ("RGB", "RGBA", "L", "LA") else 1 if img.mode in (*_GREY_HIGH_DEPTH, "1") else 4
-    rotated = stored if _header_orientation(img) in range(2, 9) else 0
+    rotated = stored if header_orientation(img) in range(2, 9) else 0
     return width * height * (stored + rotated + converted)
 
 
-def _header_orientation(img: Image.Image) -> int:
+def header_orientation(img: Image.Image) -> int:
     """EXIF orientation from the EXIF block read with the header (getexif would decode a PNG to find one stored
     after the pixels; such a late block can rotate the image without being counted in the budget)."""
     if "exif" not in img.info:
@@ -214,18 +214,28 @@ def geometry(img: Image.Image, spec: ImageSpec) -> Image.Image:
     size, (w, h) = spec.size, img.size
     if spec.resize_mode == "squash":
         return img if (w, h) == (size, size) else img.resize((size, size), resample)
-    # torchvision Resize(size): the shorter side becomes `size`, the longer is truncated to int.
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    # torchvision CenterCrop: offsets rounded half to even, as Python's round() does.
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    new_w, new_h, top, left = shortest_side_plan(w, h, size)
     if new_w * new_h > _BOX_RESIZE_AREA * size * size:
         sx, sy = w / new_w, h / new_h
         return img.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample)
     return img if (new_w, new_h) == (size, size) else img.crop((left, top, left + size, top + size))
+
+
+def shortest_side_plan(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, top, left): torchvision's Resize(size) (the shorter side becomes `size`, the longer is
+    truncated to int), then CenterCrop(size) (offsets rounded half to even, as Python's round() does)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_w, new_h, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
+def is_box_resize(w: int, h: int, size: int) -> bool:
+    """Whether :func:`geometry` resizes only the crop's source box (a very long strip), not the whole image."""
+    new_w, new_h, _, _ = shortest_side_plan(w, h, size)
+    return new_w * new_h > _BOX_RESIZE_AREA * size * size
 
 
 def to_tensor(img: Image.Image, spec: ImageSpec) -> np.ndarray:

@@ -64,6 +64,10 @@ class ServerConfig:
                             "tokenising and gRPC need (off: 1.2 to 1.6 times the throughput at concurrency 32 on 2 "
                             "cores, docs/benchmarks.md)")
     preprocess_threads: int = _f(4, "threads that decode and resize images")
+    image_decoder: str = _f("auto", "who decodes and resizes JPEGs: pil (Pillow, in the preprocessing threads), "
+                            "torch (torchvision: nvJPEG on the GPU when the model runs on CUDA, else the CPU; "
+                            "needs torchvision) or auto (torch when the model runs on CUDA and torchvision is "
+                            "installed, else pil). Other formats always go to Pillow")
     max_batch_size: int = _f(32, "most items per ONNX Runtime run")
     max_queue_delay_us: int = _f(2000, "longest an item waits for others to fill a batch, microseconds")
     max_queue_rows: int = _f(4096, "items waiting per model and tower before requests get RESOURCE_EXHAUSTED")
@@ -233,6 +237,8 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
                              f"({each.max_queue_rows}){where}, or large requests could never be queued")
     if config.hit_cache_bytes < 0:
         raise ValueError(f"hit_cache_bytes must be 0 (no cache) or more, got {config.hit_cache_bytes}")
+    if config.image_decoder not in ("auto", "pil", "torch"):
+        raise ValueError(f"image_decoder must be auto, pil or torch, got {config.image_decoder!r}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
     if config.max_items_per_request > config.max_inflight_items:

@@ -26,7 +26,7 @@ from bundle.signing import load_public_key
 from bundle.tokenizer import ClipTokenizer
 from bundle.zero_shot import LabelCache
 
-from . import metrics
+from . import metrics, torch_images
 from .batcher import Batcher
 from .config import ServerConfig
 from .errors import ApiError, failed_precondition, in_flight, not_found, unavailable
@@ -98,6 +98,7 @@ class LoadedModel:
     tokenizer: ClipTokenizer | None
     provider: str
     precision: str = "fp32"  # what the towers run in: the bundle's, or fp16 when converted at load
+    torch_images: Any = None  # server/torch_images.TorchImages when JPEGs are decoded with torchvision
     labels: LabelCache = field(default_factory=lambda: LabelCache(64 << 20, 256))
     # The request tasks that looked this model up (Registry.get): unloading waits for them to finish.
     users: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -180,6 +181,7 @@ class Registry:
                 probe = probe_pixels(m.image.size) if tower == "image" else tokenizer.encode_batch(PROBE_TEXTS)[0]
                 towers[tower] = self._tower(path, m, tower, probe)
         precisions = {t.precision for t in towers.values()}
+        torch_images = self._torch_images(m, towers["image"].device)
         return LoadedModel(
             bundle=bundle,
             image=self._batcher(towers["image"], m.name, "image"),
@@ -189,7 +191,21 @@ class Registry:
             precision=precisions.pop() if len(precisions) == 1 else ", ".join(f"{k} {t.precision}"
                                                                               for k, t in towers.items()),
             labels=LabelCache(self.config.label_cache_bytes, self.config.label_cache_size),
+            torch_images=torch_images,
         )
+
+    def _torch_images(self, m: Manifest, device: str) -> Any:
+        """A TorchImages for the model when the image_decoder setting asks for one (auto: on CUDA, if torchvision
+        is installed); None: Pillow decodes. torch is imported here only then (the serving install has none)."""
+        choice = self.config.image_decoder
+        if choice == "pil" or (choice == "auto" and (device != "cuda" or not torch_images.available())):
+            return None
+        if not torch_images.available():
+            raise BundleError("image_decoder is torch but torchvision is not installed (pip install torchvision, "
+                              "a CUDA build for nvJPEG); or set image_decoder auto or pil")
+        images = torch_images.TorchImages(m.image, device)
+        log.info("%s/%s: JPEGs decoded and resized by torchvision on %s", m.name, m.version, device)
+        return images
 
     def _tower(self, path: Path, m: Manifest, kind: str, probe: np.ndarray) -> Tower:
         """One tower's session: the bundle's file, or its fp16 conversion where the `precision` setting asks for

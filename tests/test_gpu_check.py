@@ -68,6 +68,8 @@ def test_cpu_smoke_mode_measures_each_part_or_says_why_not(report: dict) -> None
         assert all(not r["errors"] for k, r in server[kind].items() if k.startswith("c"))
         assert server[kind]["ratio_to_raw_ort"] > 0  # read from section ort of the same run
     assert report["sections"]["server"]["results"]["precisions"]["tandem-shapes"] == "fp32"  # the CPU: as exported
+    decode = report["sections"]["server"]["results"]["jpeg_decode"]  # torchvision on the CPU stands in for nvJPEG
+    assert decode["taken"] == decode["of"] == 16 and decode["max_diff_8bit_levels"] <= 1.0001
 
     faiss = report["sections"]["faiss"]["results"]
     flat = faiss["flat"]["2000"]

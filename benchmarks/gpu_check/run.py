@@ -529,6 +529,30 @@ async def _client_load(target: str, kind: str, model: str, items: int, concurren
     return {"items": done, "latencies": latencies, "errors": dict(errors)}
 
 
+def jpeg_decode(w: Worker) -> dict[str, Any] | str:
+    """The server's torchvision JPEG path (server/torch_images.py: nvJPEG on CUDA) against Pillow's
+    bundle/image.py on the same JPEGs at 224 px: largest difference in 8-bit levels, and images/s of one batch."""
+    import dataclasses
+
+    from bundle import load_bundle
+    from bundle.image import preprocess
+    from server.torch_images import TorchImages, available
+
+    if not available():
+        return "skipped: torchvision is not importable here (the server decodes with Pillow)"
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not w.sizes.smoke else "cpu"
+    spec = dataclasses.replace(load_bundle(ROOT / "models" / "tandem-shapes" / "1").manifest.image, size=224)
+    jpegs = sample_jpegs(16 if w.sizes.smoke else 256, 1)
+    images = TorchImages(spec, device)
+    images.batch(jpegs[:4], 1 << 26, None)  # warm-up: CUDA context, nvJPEG handles
+    out, seconds = images.batch(jpegs, 1 << 26, None)
+    diffs = [float(abs(o - preprocess(j, spec, 1 << 26)).max()) for o, j in zip(out, jpegs) if o is not None]
+    return {"device": device, "taken": len(diffs), "of": len(jpegs), "batch_images_per_s": len(jpegs) / seconds,
+            "max_abs_diff": max(diffs), "max_diff_8bit_levels": max(diffs) * 255 * min(spec.std)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -614,6 +638,7 @@ def worker_server(w: Worker) -> None:
         dest = repo / bundle.manifest.name / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(path.resolve(), dest)
+    w.part(("jpeg_decode",), lambda: jpeg_decode(w), need_s=5)
     started = time.perf_counter()
     proc, target, flags, log_path = start_server(w, repo, "cpu" if s.smoke else "cuda")
     w.set(("server_flags",), flags)
