@@ -64,10 +64,11 @@ class ServerConfig:
                             "tokenising and gRPC need (off: 1.2 to 1.6 times the throughput at concurrency 32 on 2 "
                             "cores, docs/benchmarks.md)")
     preprocess_threads: int = _f(4, "threads that decode and resize images")
-    image_decoder: str = _f("auto", "who decodes and resizes JPEGs: pil (Pillow, in the preprocessing threads), "
-                            "torch (torchvision: nvJPEG on the GPU when the model runs on CUDA, else the CPU; "
-                            "needs torchvision) or auto (torch when the model runs on CUDA and torchvision is "
-                            "installed, else pil). Other formats always go to Pillow")
+    image_decoder: str = _f("auto", "who decodes and resizes images: pil (Pillow), torch (torchvision: JPEGs with "
+                            "nvJPEG on the GPU when the model runs on CUDA; JPEGs and PNGs on the CPU otherwise, "
+                            "1.6-2.2x Pillow's images a thread; needs torchvision, the nvjpeg extra) or auto (torch "
+                            "when the model runs on CUDA and torchvision is installed, else pil). What torchvision "
+                            "would not decode as Pillow does goes to Pillow")
     max_batch_size: int = _f(32, "most items per ONNX Runtime run")
     max_queue_delay_us: int = _f(2000, "longest an item waits for others to fill a batch, microseconds")
     max_queue_rows: int = _f(4096, "items waiting per model and tower before requests get RESOURCE_EXHAUSTED")

@@ -1,4 +1,4 @@
-"""JPEG decoding with torchvision (server/torch_images.py, setting image_decoder) on its CPU path: on a GPU server
+"""Image decoding with torchvision (server/torch_images.py, setting image_decoder) on its CPU path: on a GPU server
 the same code runs nvJPEG and CUDA kernels. It must give Pillow's pixels, within one 8-bit level."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def test_it_takes_plain_rgb_jpegs_and_gives_pillows_pixels() -> None:
     names = list(PHOTOS)
     out, seconds = TorchImages(SPEC, "cpu").batch([PHOTOS[n] for n in names], LIMIT, None)
     taken = {n for n, x in zip(names, out) if x is not None}
-    assert taken == {"jpeg", "jpeg-portrait", "large-jpeg"} and seconds > 0  # grayscale, PNG, WebP: Pillow's
+    # RGB JPEGs and PNGs; grayscale, RGBA, WebP: Pillow's
+    assert taken == {"jpeg", "jpeg-portrait", "large-jpeg", "png", "small-png", "one-pixel-png"} and seconds > 0
     for name, x in zip(names, out):
         if x is not None:
             ref = preprocess(PHOTOS[name], SPEC, LIMIT)
@@ -64,7 +65,7 @@ def test_a_server_decoding_jpegs_with_torchvision_answers_as_pillow_does() -> No
         with TandemClient(torch_server.target) as a, TandemClient(pil_server.target) as b:
             before = decoder.decoded
             got, want = a.embed_image(mixed).embeddings, b.embed_image(mixed).embeddings
-            assert decoder.decoded - before == 3  # the three RGB JPEGs; the PNG and the grey JPEG went to Pillow
+            assert decoder.decoded - before == 4  # the RGB JPEGs and PNG; the grey JPEG went to Pillow
             assert min_cosine(got, want) >= 0.9999  # each image in its place, Pillow's or torchvision's
             labels = a.classify(mixed[:2], ["cat", "astronaut"], top_k=1)
             assert [r[0].label for r in labels] == [r[0].label for r in b.classify(mixed[:2], ["cat", "astronaut"],
