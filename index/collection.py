@@ -235,8 +235,12 @@ class Collection:
             self.replica = None  # copied to the GPU once the index is whole
             for rowids, vectors in self.store.scan(after_seq=self.snapshot_seq if loaded else 0):
                 self._add(rowids, vectors)
-            # Every deletion the store remembers: snapshots keep deleted ids (tombstones) until a rebuild.
-            self._tombstones = set(self.store.deleted_after(0).tolist())
+            # The deletions of items the index holds: a snapshot keeps deleted ids (tombstones) until a rebuild.
+            # Items added and deleted after the snapshot were never replayed into it: they are not tombstones
+            # (counting them made searches expect more live items than the index has).
+            deleted = self.store.deleted_after(0)
+            held = faiss.vector_to_array(self.index.id_map) if loaded and len(deleted) else deleted[:0]
+            self._tombstones = set(np.intersect1d(deleted, held).tolist())
             self._selector = self._dead = None
             self.indexed_seq = self.store.last_seq()
             self.replica = self._device_copy(self.index, self.nprobe, self.kind)
@@ -252,6 +256,10 @@ class Collection:
         try:
             snap = json.loads(path.read_text())
             file = self.folder / snap["file"]
+            seq, stored = int(snap["seq"]), self.store.last_seq()
+            if not 0 <= seq <= stored:  # the store was restored from an older copy, or lost its last commits
+                raise ValueError(f"it is at seq {seq} and the store at seq {stored}: a snapshot can only be at or "
+                                 "behind its store (was store.sqlite restored from a backup?)")
             if sha256_of(file) != snap["sha256"]:
                 raise ValueError(f"{snap['file']} does not match the sha256 in {SNAPSHOT_FILE}")
             index = faiss.read_index(str(file))  # from the file: no second copy of the index in memory

@@ -269,3 +269,44 @@ def test_an_exact_search_racing_a_replacement_returns_each_item_once(tmp_path: P
     assert len(found) == 5 and found[0] == 1  # v0's row as the search began (rowid 1), once
     assert all(r <= 300 for r in found)  # nothing written after the search began (v0's new row is 301)
     c.close()
+
+
+def test_a_store_restored_from_an_older_copy_is_not_paired_with_a_newer_snapshot(tmp_path: Path) -> None:
+    """The snapshot held items the restored store had never written, and new items took their rowids again:
+    searches returned ids twice. A snapshot ahead of its store is now ignored and the index rebuilt."""
+    import shutil
+
+    folder = tmp_path / "c"
+    c = Collection.create(folder, spec())
+    x = vectors(90, seed=6)
+    put_all(c, x[:50])
+    c.close()  # snapshot at the store's seq
+    shutil.copy(folder / "store.sqlite", tmp_path / "backup.sqlite")
+    c = Collection.open(folder)
+    put_all(c, x[50:70], prefix="later")
+    c.close()  # a snapshot with the 20 later items
+    for extra in ("-wal", "-shm"):
+        (folder / f"store.sqlite{extra}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.sqlite", folder / "store.sqlite")  # the operator restores the backup
+    c = Collection.open(folder)
+    put_all(c, x[70:90], prefix="new")  # takes the rowids the later items had
+    _, rowids, _ = c.search(x[:1], 100)
+    found = [int(r) for r in rowids[0] if r >= 0]
+    assert len(found) == len(set(found)) == 70 == c.count()
+    c.close()
+
+
+def test_items_added_and_deleted_after_the_snapshot_are_no_tombstones_after_a_crash(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    c = Collection.create(folder, spec("HNSW8"))
+    x = vectors(500, seed=7)
+    put_all(c, x[:200])
+    c.snapshot()
+    put_all(c, x[200:], prefix="w")
+    c.store.write(delete_ids=[f"w{i}" for i in range(300)] + ["v0"]).result()
+    c.close(snapshot=False)  # as a crash: the last snapshot is from before the 300
+    c = Collection.open(folder)
+    assert c.describe()["deleted_pending"] == 1  # v0, which the snapshot's index holds; not the 300
+    _, rowids, _ = c.search(x[:4], 250)
+    assert ((rowids >= 0).sum(1) == 199).all()  # every live item, none of the deleted
+    c.close()
