@@ -116,6 +116,10 @@ def check_spec(dim: int, index_spec: str, metric: str) -> None:
                               f"{MAX_SPEC_CHARS} printable characters); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'")
     if "IDMap" in index_spec:
         raise CollectionError(f"index_spec {index_spec!r}: leave out IDMap, ids are mapped by the collection")
+    if "L2norm" in index_spec and metric != "cosine":
+        raise CollectionError(f"index_spec {index_spec!r}: L2norm makes the index compare directions, while metric "
+                              f"{metric} compares the vectors as given (exact and filtered searches would score "
+                              "differently); use metric cosine, which stores unit vectors, without L2norm")
     for name in WHOLE_BUILD_ONLY:
         if name in index_spec:
             raise CollectionError(f"index_spec {index_spec!r}: FAISS builds {name} indexes once over all their "
@@ -406,7 +410,17 @@ class Collection:
                         gpu.LOCK.release()
                 if (alive := self._alive_selector()) is not None:
                     sel = alive[0]
-            d, i = self._scores(*self.index.search(q, k, params=self._params(sel) if sel is not None else None))
+            try:
+                d, i = self._scores(*self.index.search(q, k, params=self._params(sel) if sel is not None else None))
+            except RuntimeError:
+                if sel is None:
+                    raise
+                # IndexRefine and IndexPQ take no IDSelector: a filter's matches are scored exactly, deletions
+                # dropped from a longer list
+                if rows is not None:
+                    return (*self._exact_over(q, k, rows), True)
+                d, i = self._search_dropping_dead(self.index, q, k)
+                sel = None  # the widening below searches without one too
             if self._approximate:
                 allowed = len(rows) if rows is not None else self.index.ntotal - len(self._tombstones)
                 d, i = self._widen(q, k, d, i, sel, min(k, allowed), rows)
@@ -440,10 +454,14 @@ class Collection:
         return d, i
 
     def _search_replica(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search the GPU copy, which takes no IDSelector: ask for k more hits per tombstone, drop the deleted
-        ones, keep the best k alive ones in order (padding with -inf / -1 when fewer are left)."""
+        """Search the GPU copy, which takes no IDSelector."""
+        return self._search_dropping_dead(self.replica, q, k)
+
+    def _search_dropping_dead(self, index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search an index without an IDSelector: ask for k more hits per tombstone, drop the deleted ones, keep
+        the best k alive ones in order (padding with -inf / -1 when fewer are left)."""
         dead = len(self._tombstones)
-        d, i = self._scores(*self.replica.search(q, k + dead))  # type: ignore[union-attr]
+        d, i = self._scores(*index.search(q, k + dead))
         if dead:
             gone = np.isin(i, self._dead_ids())
             d[gone], i[gone] = -np.inf, -1

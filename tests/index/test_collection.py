@@ -128,6 +128,9 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path: Path) -> None:
                         ("Flat\x00", "printable"), ("Flat," * 100, "at most 200")]:
         with pytest.raises(CollectionError, match=reason):
             cs.create(spec(bad))
+    for metric in ("l2", "ip"):  # L2norm would score directions while exact paths score the vectors
+        with pytest.raises(CollectionError, match="use metric cosine"):
+            cs.create(spec("L2norm,Flat", metric=metric))
     assert cs.all() == [] and [p.name for p in (tmp_path / "collections").iterdir()] == []
     for good in ("HNSW32", "IVF64,Flat", "OPQ8,IVF64,PQ8"):
         cs.create(Spec.new(f"ok{len(cs.all())}", "m", "1", "sha", 16, "cosine", good))
@@ -309,4 +312,22 @@ def test_items_added_and_deleted_after_the_snapshot_are_no_tombstones_after_a_cr
     assert c.describe()["deleted_pending"] == 1  # v0, which the snapshot's index holds; not the 300
     _, rowids, _ = c.search(x[:4], 250)
     assert ((rowids >= 0).sum(1) == 199).all()  # every live item, none of the deleted
+    c.close()
+
+
+@pytest.mark.parametrize("index_spec", ["Flat,Refine(Flat)", "HNSW8,Refine(Flat)"])
+def test_indexes_that_take_no_selector_search_after_deletes_and_under_filters(tmp_path: Path, monkeypatch,  # type: ignore[no-untyped-def]
+                                                                               index_spec: str) -> None:
+    """FAISS's IndexRefine (and IndexPQ) refuse an IDSelector: every search failed (INTERNAL) after one delete."""
+    import index.collection as collection
+
+    c = Collection.create(tmp_path / "c", spec(index_spec))
+    x = vectors(400, seed=8)
+    put_all(c, x)
+    c.store.write(delete_ids=[f"v{i}" for i in range(0, 400, 2)]).result()  # the even ones
+    _, rowids, _ = c.search(x[:8], 20)
+    assert ((rowids >= 0).sum(1) == 20).all() and not np.isin(rowids, np.arange(1, 401, 2)).any()
+    monkeypatch.setattr(collection, "EXACT_FILTER_MAX", 10)  # the filter's matches would go to FAISS
+    _, rowids, exact = c.search(x[:8], 20, where=("json_extract(metadata, '$.i') % 4 = ?", [1]))
+    assert exact and ((rowids >= 0).sum(1) == 20).all() and set(((rowids - 1) % 4).ravel().tolist()) == {1}
     c.close()
