@@ -28,6 +28,7 @@ Index life:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -52,7 +53,7 @@ from bundle.manifest import sha256_of
 
 from . import gpu
 from .rwlock import ReadWriteLock
-from .store import Put, Store, Written, connect
+from .store import Put, Reader, Store, Written, connect
 
 log = logging.getLogger("tandem.index")
 
@@ -389,13 +390,16 @@ class Collection:
         sel: faiss.IDSelector | None = None
         rows = None
         if where is not None:
-            # Only live items are in the store, so the matches need no tombstone filtering.
-            rows = self.store.matching(*where)
-            if exact or len(rows) <= EXACT_FILTER_MAX:
-                return (*self._exact_over(q, k, rows), True)
+            # Only live items are in the store, so the matches need no tombstone filtering. The matches and
+            # their vectors are read in one state of the store (a write between the two neither hides an item
+            # nor shows it twice).
+            with self.store.consistent() as reader:
+                rows = reader.matching(*where)
+                if exact or len(rows) <= EXACT_FILTER_MAX:
+                    return (*self._exact_over(q, k, rows, reader), True)
             sel = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))
         elif exact and self._approximate:
-            return (*self._exact_all(q, k, up_to_seq=self.indexed_seq), True)
+            return (*self._exact_all(q, k), True)
         if not self._lock.acquire_read(blocking=wait):
             raise IndexBusy(self.spec.name)
         try:
@@ -450,7 +454,7 @@ class Collection:
             short = short[(i[short] >= 0).sum(1) < want]
         if len(short):
             d[short], i[short] = (self._exact_over(q[short], k, rows) if rows is not None
-                                  else self._exact_all(q[short], k, up_to_seq=self.indexed_seq))
+                                  else self._exact_all(q[short], k))
         return d, i
 
     def _search_replica(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -504,23 +508,27 @@ class Collection:
             return -((q * q).sum(1)[:, None] - 2 * q @ v.T + (v * v).sum(1)[None, :])
         return q @ v.T
 
-    def _exact_over(self, q: np.ndarray, k: int, rowids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Score the given stored items exactly (a selective filter's matches; one deleted or replaced since the
-        filter ran is left out)."""
-        got = self.store.rows_by_rowid(rowids)
+    def _exact_over(self, q: np.ndarray, k: int, rowids: np.ndarray, reader: Reader | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score the given stored items exactly (a filter's matches; read through `reader` when given, else one
+        deleted or replaced since the filter ran is left out)."""
+        got = (reader or self.store).rows_by_rowid(rowids)
         if len(got) < len(rowids):
             rowids = np.fromiter((r for r in rowids if int(r) in got), np.int64)
         vectors = np.stack([got[int(r)] for r in rowids]) if len(rowids) else np.zeros((0, self.spec.dim), np.float32)
         return _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
 
     def _exact_all(self, q: np.ndarray, k: int, up_to_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Score every stored item (written up to `up_to_seq`), a block at a time (exact: true on an
-        approximate index)."""
+        """Score every stored item, a block at a time (exact: true on an approximate index): those written up to
+        `up_to_seq`, or else all of one state of the store (an item replaced during the scan counts once)."""
         best_s = np.full((len(q), k), -np.inf, np.float32)
         best_i = np.full((len(q), k), -1, np.int64)
-        for rowids, vectors in self.store.scan(up_to_seq=up_to_seq):
-            s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
-            best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
+        with contextlib.ExitStack() as stack:
+            pages = (self.store.scan(up_to_seq=up_to_seq) if up_to_seq is not None
+                     else stack.enter_context(self.store.consistent()).scan())
+            for rowids, vectors in pages:
+                s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
+                best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
         return best_s, best_i
 
     # -- training, rebuild, snapshots -------------------------------------------------

@@ -103,6 +103,7 @@ class Store:
         self._db = connect(self.path)
         self._db.executescript(SCHEMA)
         self._read_lock = threading.Lock()  # one read connection, shared
+        self._readers: list[sqlite3.Connection] = []  # idle connections of `consistent` reads
         self._closed = False  # set under both locks: no read or write starts after it
         self._write_gate = threading.Lock()  # a write is queued whole before close() queues the writer's end
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -276,33 +277,45 @@ class Store:
     def matching(self, where: str, params: list[Any]) -> np.ndarray:
         """int64 rowids of the items a filter (SQL over `metadata`) matches."""
         with self._reading():
-            return np.fromiter((r for (r,) in self._db.execute(f"SELECT rowid FROM items WHERE {where}", params)),
-                               np.int64)
+            return _matching(self._db, where, params)
 
     def rows_by_rowid(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
-        out: dict[int, np.ndarray] = {}
         with self._reading():
-            for start in range(0, len(rowids), 500):
-                chunk = [int(r) for r in rowids[start : start + 500]]
-                marks = ",".join("?" * len(chunk))
-                for rowid, blob in self._db.execute(f"SELECT rowid, vector FROM items WHERE rowid IN ({marks})", chunk):
-                    out[rowid] = self._vector(blob)
-        return out
+            return _rows_by_rowid(self._db, rowids)
 
     def scan(self, after_seq: int = 0, up_to_seq: int | None = None, batch: int = 10_000
              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(rowids int64 [b], vectors float32 [b, dim]) of the stored items written in (after_seq, up_to_seq]."""
+        """(rowids int64 [b], vectors float32 [b, dim]) of the stored items written in (after_seq, up_to_seq]; each
+        page a read of its own (see `consistent` for one state throughout)."""
         last, top = 0, up_to_seq if up_to_seq is not None else 2**62
         while True:
             with self._reading():
-                rows = self._db.execute(
-                    "SELECT rowid, vector FROM items WHERE seq > ? AND seq <= ? AND rowid > ? ORDER BY rowid LIMIT ?",
-                    (after_seq, top, last, batch)).fetchall()
-            if not rows:
+                page = _scan_page(self._db, self.dim, after_seq, top, last, batch)
+            if page is None:
                 return
-            last = rows[-1][0]
-            yield (np.array([r for r, _ in rows], np.int64),
-                   np.frombuffer(b"".join(v for _, v in rows), np.float32).reshape(len(rows), self.dim))
+            last = int(page[0][-1])
+            yield page
+
+    @contextlib.contextmanager
+    def consistent(self) -> Iterator[Reader]:
+        """Reads that all see one state of the store: one SQLite read transaction on a connection of their own
+        (kept for the next such read), for searches that read in several queries (a filter's matches, then their
+        vectors; a scan page by page). A write committed meanwhile is seen by all of them or by none: an item
+        replaced between two of them is neither missed nor found twice."""
+        with self._read_lock:
+            if self._closed:
+                raise self._closed_error()
+            db = self._readers.pop() if self._readers else connect(self.path)
+        db.execute("BEGIN")  # deferred: the snapshot is taken at the first read
+        try:
+            yield Reader(db, self.dim)
+        finally:
+            db.execute("COMMIT")
+            with self._read_lock:
+                if self._closed or len(self._readers) >= 4:
+                    db.close()
+                else:
+                    self._readers.append(db)
 
     def deleted_after(self, seq: int) -> np.ndarray:
         with self._reading():
@@ -325,4 +338,49 @@ class Store:
         self._writer_db.close()
         with self._read_lock:
             self._db.close()
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
 
+
+class Reader:
+    """The reads of Store.consistent, on its connection (within one read transaction)."""
+
+    def __init__(self, db: sqlite3.Connection, dim: int):
+        self.db, self.dim = db, dim
+
+    def matching(self, where: str, params: list[Any]) -> np.ndarray:
+        return _matching(self.db, where, params)
+
+    def rows_by_rowid(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
+        return _rows_by_rowid(self.db, rowids)
+
+    def scan(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        last = 0
+        while (page := _scan_page(self.db, self.dim, 0, 2**62, last, batch)) is not None:
+            last = int(page[0][-1])
+            yield page
+
+
+def _matching(db: sqlite3.Connection, where: str, params: list[Any]) -> np.ndarray:
+    return np.fromiter((r for (r,) in db.execute(f"SELECT rowid FROM items WHERE {where}", params)), np.int64)
+
+
+def _rows_by_rowid(db: sqlite3.Connection, rowids: Sequence[int]) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(rowids), 500):
+        chunk = [int(r) for r in rowids[start : start + 500]]
+        marks = ",".join("?" * len(chunk))
+        for rowid, blob in db.execute(f"SELECT rowid, vector FROM items WHERE rowid IN ({marks})", chunk):
+            out[rowid] = np.frombuffer(blob, np.float32)
+    return out
+
+
+def _scan_page(db: sqlite3.Connection, dim: int, after_seq: int, top: int, last: int, batch: int
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    rows = db.execute("SELECT rowid, vector FROM items WHERE seq > ? AND seq <= ? AND rowid > ? ORDER BY rowid "
+                      "LIMIT ?", (after_seq, top, last, batch)).fetchall()
+    if not rows:
+        return None
+    return (np.array([r for r, _ in rows], np.int64),
+            np.frombuffer(b"".join(v for _, v in rows), np.float32).reshape(len(rows), dim))

@@ -249,28 +249,40 @@ def test_a_snapshot_that_fails_midway_leaves_the_last_one_whole(tmp_path: Path, 
     reopened.close()
 
 
-def test_an_exact_search_racing_a_replacement_returns_each_item_once(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """exact=True on an approximate index scans the store in blocks. An item replaced between two blocks was
-    found twice, its old row in the first block and its new row in a later one: the scan now stops at the
-    writes the index held when the search began."""
+def test_exact_and_filtered_searches_racing_a_replacement_see_each_item_once(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """exact=True scans the store page by page, and a filter reads its matches and then their vectors. An item
+    replaced between two reads was found twice (its old row, then its new one) or not at all (matched as its old
+    row, whose vector was gone by the next read): each search now reads one state of the store."""
+    from index.store import Reader
+
     c = Collection.create(tmp_path / "c", spec("HNSW8"))
     x = vectors(300, seed=4)
     put_all(c, x)
-    real_scan = c.store.scan
-    replaced: list[int] = []
+    real_scan, real_matching = Reader.scan, Reader.matching
+    writes: list[int] = []
 
-    def scan_with_a_write_between_blocks(*args, **kwargs):  # type: ignore[no-untyped-def]
-        for n, block in enumerate(real_scan(*args, **{**kwargs, "batch": 100})):
-            yield block
-            if n == 0:  # v0 (in the first block) is replaced by a copy that lands in a later block
-                replaced.append(c.store.write([Put("v0", x[0], "{}")]).result().seq)
+    def replace(item_id: str) -> None:
+        writes.append(c.store.write([Put(item_id, x[0], json.dumps({"i": 0}))]).result().seq)
 
-    monkeypatch.setattr(c.store, "scan", scan_with_a_write_between_blocks)
+    def scan_with_a_write_between_pages(self, batch=10_000):  # type: ignore[no-untyped-def]
+        for n, page in enumerate(real_scan(self, batch=100)):
+            yield page
+            if n == 0:
+                replace("v0")  # v0 (in the first page) is replaced by a copy that lands in the last page
+
+    def matching_then_a_write(self, where, params):  # type: ignore[no-untyped-def]
+        rows = real_matching(self, where, params)
+        replace("v1")  # v1's matched row is deleted before its vector is read
+        return rows
+
+    monkeypatch.setattr(Reader, "scan", scan_with_a_write_between_pages)
     _, rowids, exact = c.search(x[:1], 5, exact=True)
-    assert exact and replaced
     found = [int(r) for r in rowids[0] if r >= 0]
-    assert len(found) == 5 and found[0] == 1  # v0's row as the search began (rowid 1), once
-    assert all(r <= 300 for r in found)  # nothing written after the search began (v0's new row is 301)
+    assert exact and len(found) == len(set(found)) == 5 and writes
+    assert found[0] == 1 and all(r <= 300 for r in found)  # v0's row as the search began, once
+    monkeypatch.setattr(Reader, "matching", matching_then_a_write)
+    _, rowids, _ = c.search(x[1:2], 300, where=("json_extract(metadata, '$.i') >= ?", [0]))
+    assert (rowids >= 0).sum() == 300 and 2 in rowids  # all 300, v1 as its old row (rowid 2) included
     c.close()
 
 
