@@ -541,10 +541,11 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                     ids[key] = t.id
                 else:
                     raise invalid(f"{what} is empty; set one of text, image, vector or id")
+        rows = self.config.for_model(m.name).max_queue_rows  # the model's own queue ([server.model."NAME"])
         for n, tower in ((len(texts), "text"), (len(images), "image")):
-            if n > self.config.max_queue_rows:  # could never be queued: refuse before any work, not as overload
+            if n > rows:  # could never be queued: refuse before any work, not as overload
                 raise invalid(f"the queries have {n} {tower} terms, more than the {tower} queue holds "
-                              f"(max_queue_rows={self.config.max_queue_rows}); send fewer per request")
+                              f"(max_queue_rows={rows}); send fewer per request")
         embedded = await self._embed(m, texts, images, labels)
         for key, v in embedded.items():
             if isinstance(v, ApiError):

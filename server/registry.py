@@ -245,11 +245,16 @@ class Registry:
 
     @staticmethod
     async def _warm_up(m: LoadedModel) -> None:
-        """One run per tower so the first real request does not pay ONNX Runtime's set-up."""
-        size = m.bundle.manifest.image.size
-        await m.image.submit(np.zeros((1, 3, size, size), np.float32))
+        """One run per tower so the first real request does not pay ONNX Runtime's set-up; it also checks that
+        each tower's output has the manifest's dimension (collections and clients rely on it)."""
+        size, dim = m.bundle.manifest.image.size, m.bundle.manifest.dim
+        outputs = [("image", await m.image.submit(np.zeros((1, 3, size, size), np.float32)))]
         if m.text is not None and m.tokenizer is not None:
-            await m.text.submit(m.tokenizer.encode_batch(["warm up"])[0])
+            outputs.append(("text", await m.text.submit(m.tokenizer.encode_batch(["warm up"])[0])))
+        for tower, out in outputs:
+            if out.ndim != 2 or out.shape[1] != dim:
+                raise BundleError(f"{tower}.onnx answers embeddings of shape {list(out.shape)}, but the manifest "
+                                  f"says dim {dim}; re-export the bundle (tandem export)")
 
     async def _load(self, folder: Path) -> Entry:
         """Load (or reload) one bundle folder; on failure the copy loaded before, if any, keeps serving."""

@@ -324,7 +324,7 @@ class Inference(pb_grpc.InferenceServicer):
         templates = list(request.templates) or list(zero_shot.DEFAULT_TEMPLATES)
         metrics.ITEMS.labels("Classify").inc(len(images))
         self._check_texts(labels, "labels")
-        check_labels(labels, templates, self.config, defaults=not request.templates)
+        check_labels(labels, templates, self.config.for_model(m.name), defaults=not request.templates)
         key = (tuple(labels), tuple(templates))
         label_emb = m.labels.get(key)
         metrics.ZERO_SHOT_CACHE.labels("hit" if label_emb is not None else "miss").inc()

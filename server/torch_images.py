@@ -52,7 +52,10 @@ class TorchImages:
 
     def takes(self, data: bytes, max_pixels: int, max_bytes: int | None) -> bool:
         """Whether this image is one whose pixels torchvision reproduces (the module's docstring); from its header."""
-        if not data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
+        if data.startswith(b"\x89PNG\r\n\x1a\n"):
+            if data[24:26] != b"\x08\x02":  # IHDR bit depth 8, colour type 2 (RGB): torchvision reads 16-bit as is
+                return False
+        elif not data.startswith(b"\xff\xd8\xff"):
             return False
         try:
             img = Image.open(io.BytesIO(data), formats=self.formats)

@@ -298,3 +298,18 @@ def test_an_answer_over_the_message_limit_is_refused_and_counted_as_such(tiny_re
         still_serving(stub)
     finally:
         server.stop()
+
+
+def test_a_models_own_queue_bounds_its_classify_prompts_up_front(tiny_repo) -> None:  # type: ignore[no-untyped-def]
+    """The up-front check used the server-wide max_queue_rows: with a smaller one for the model, every such
+    Classify was refused as overload (RESOURCE_EXHAUSTED, retryable) instead of as too large."""
+    server = start_server(tiny_repo, default_model="tiny-clip", model_settings={"tiny-clip": {"max_queue_rows": 16}},
+                          max_items_per_request=8)
+    try:
+        stub = pb_grpc.InferenceStub(server.channel())
+        labels = [f"label {i}" for i in range(5)]  # x 4 default templates = 20 prompts > 16
+        expect(lambda: stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=labels), timeout=30),
+               grpc.StatusCode.INVALID_ARGUMENT, "20 prompts", "max_queue_rows=16")
+        assert len(stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=labels[:4]), timeout=30).results) == 1
+    finally:
+        server.stop()

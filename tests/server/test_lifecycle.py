@@ -254,6 +254,21 @@ def test_shutdown_lets_calls_in_progress_finish_within_the_grace(repo) -> None: 
     running.thread.join(timeout=10)
 
 
+def test_a_bundle_whose_towers_do_not_answer_its_manifest_dim_is_unavailable(repo) -> None:  # type: ignore[no-untyped-def]
+    """It loaded as READY and reported the manifest's dim: a collection bound to it stored vectors of another
+    size and failed its searches."""
+    lying = add_bundle(repo, repo / "tiny-clip" / "1", "lying", "1")
+    manifest = json.loads((lying / "manifest.json").read_text())
+    (lying / "manifest.json").write_text(json.dumps({**manifest, "dim": 128}))
+    running = start_server(repo)
+    try:
+        status, reason = Stubs(running).statuses()["lying/1"]
+        assert status == "MODEL_STATUS_UNAVAILABLE"
+        assert "answers embeddings of shape [1, 32], but the manifest says dim 128" in reason
+    finally:
+        running.stop()
+
+
 def test_open_health_watches_end_with_not_serving_when_shutdown_begins(repo) -> None:  # type: ignore[no-untyped-def]
     """A Watch stream gets NOT_SERVING and then ends normally when shutdown begins, so that an idle server
     stops at once: before, grpc.aio waited the whole grace period for the stream and then cut it (UNAVAILABLE)."""

@@ -47,13 +47,27 @@ def test_it_leaves_to_pillow_what_it_would_not_reproduce_or_may_not_decode() -> 
     rotated = encode(Image.new("RGB", (40, 30), (200, 30, 30)), "JPEG", exif=exif)
     cmyk = encode(Image.new("CMYK", (40, 30), (0, 200, 200, 0)), "JPEG")
     strip = encode(Image.new("RGB", (4000, 10), (0, 0, 200)), "JPEG")  # bundle/image.py resizes a box of it
-    for data in (rotated, cmyk, strip):
+    rgb16 = _png_rgb16(40, 30)  # Pillow says RGB; torchvision would read 16-bit values
+    for data in (rotated, cmyk, strip, rgb16):
         assert not images.takes(data, LIMIT, None)
     assert not images.takes(PHOTOS["large-jpeg"], 4000 * 4000, None)  # over max_image_pixels: Pillow refuses it
     assert not images.takes(PHOTOS["large-jpeg"], LIMIT, 1 << 20)  # over max_image_decode_bytes likewise
     broken = PHOTOS["jpeg"][:400] + b"\x00" * 400  # a JPEG header, then garbage
     out, _ = images.batch([PHOTOS["jpeg"], broken], LIMIT, None)
     assert out == [None, None]  # a batch that fails to decode goes to Pillow whole, which names the bad one
+
+
+def _png_rgb16(w: int, h: int) -> bytes:
+    """A 16-bit RGB PNG (Pillow writes none; Pillow reads it as 8-bit RGB), built chunk by chunk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + np.full((w, 3), 40000, ">u2").tobytes() for _ in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def test_a_server_decoding_jpegs_with_torchvision_answers_as_pillow_does() -> None:
