@@ -384,8 +384,9 @@ class Registry:
                     await self._load(folder)
             for name, version in [k for k in self.entries if k not in seen]:
                 del self.entries[(name, version)]
+                m = self._remove(name, version)
                 await self._set_health(name, version, False)
-                if (m := self._remove(name, version)) is not None:
+                if m is not None:
                     log.info("%s/%s left the model repository: unloading it", name, version)
                     self._retire_in_background(m)
 
@@ -441,6 +442,9 @@ class Registry:
                 return unavailable(f"model {e.name}/{e.version} is still loading; retry shortly")
             return failed_precondition(f"model {e.name}/{e.version} is UNAVAILABLE: it failed to load: {e.reason}")
         loaded = ", ".join(sorted(self.models)) or "none"
+        if not name:  # the request named no model, and there is no default to give it
+            return not_found(f"the request names no model and no model is loaded to be the default (loaded "
+                             f"models: {loaded}); load one (LoadModel) or name one in the request")
         if known:
             return not_found(f"model {name}/{known[0].version} was unloaded (UnloadModel); loaded models: {loaded}")
         if name not in self.models:
@@ -476,6 +480,11 @@ class Registry:
 
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             await self.health.set(health_name(name, version), status)
+            if self.ready:  # after start-up (the server sets them then): "" and Inference need a READY model
+                overall = health_pb2.HealthCheckResponse.SERVING if self.models else \
+                    health_pb2.HealthCheckResponse.NOT_SERVING
+                for service in ("", "tandem.v1.Inference"):
+                    await self.health.set(service, overall)
 
     async def close(self) -> None:
         for task in self._retiring:

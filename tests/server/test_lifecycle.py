@@ -174,6 +174,22 @@ def test_unload_and_load_by_rpc_without_restart(server, repo) -> None:  # type: 
     assert s.embed_image("tiny-image", "1").model.version == "1"
 
 
+def test_a_server_with_no_model_ready_is_not_serving(server) -> None:  # type: ignore[no-untyped-def]
+    """With every bundle unloaded, "" and tandem.v1.Inference said SERVING while every request failed: a load
+    balancer kept sending traffic to a replica that could answer none of it."""
+    s = Stubs(server)
+    overall = lambda name="": s.health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status  # noqa: E731
+    s.models.UnloadModel(pb.UnloadModelRequest(model="tiny-image"), timeout=30)
+    assert overall() == SERVING  # tiny-clip is still READY
+    s.models.UnloadModel(pb.UnloadModelRequest(model="tiny-clip"), timeout=30)
+    assert overall() == NOT_SERVING and overall("tandem.v1.Inference") == NOT_SERVING
+    assert overall("tandem.v1.Models") == SERVING  # it answers: LoadModel brings a model back
+    code, details = code_of(lambda: s.inference.EmbedText(pb.EmbedTextRequest(texts=["a"]), timeout=10))
+    assert code == grpc.StatusCode.NOT_FOUND and "tiny-clip/1 was unloaded" in details  # the default model
+    s.models.LoadModel(pb.LoadModelRequest(model="tiny-clip"), timeout=60)
+    assert overall() == SERVING and overall("tandem.v1.Inference") == SERVING
+
+
 def test_load_and_unload_name_what_is_wrong(server) -> None:  # type: ignore[no-untyped-def]
     s = Stubs(server)
     code, details = code_of(lambda: s.models.LoadModel(pb.LoadModelRequest(model="nope"), timeout=10))
