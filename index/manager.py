@@ -94,6 +94,10 @@ class Collections:
             raise CollectionNotFound(f"collection {shown(name)} does not exist (collections: {known})")
         return c
 
+    def has(self, c: Collection) -> bool:
+        """Whether `c` is still one of the collections (not dropped)."""
+        return self._by_name.get(c.spec.name) is c
+
     def all(self) -> list[Collection]:
         return [self._by_name[n] for n in sorted(self._by_name)]
 

@@ -131,7 +131,7 @@ class TandemServer:
         log.info("listening on %s:%d, %s (NOT_SERVING until models are warm)", c.host, self.port, access)
         await self.registry.start()
         await loop.run_in_executor(None, self.collections.load)
-        self._collections_open = True
+        self._collections_open = self.collections_service.ready = True
         self.cache_warming = self.collections_service.warm_caches()  # in the background; searches need not wait
         for c in self.collections.all():
             observe(c)

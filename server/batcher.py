@@ -34,6 +34,15 @@ class QueueFull(RuntimeError):
     pass
 
 
+class BatcherStopped(RuntimeError):
+    """The batcher stopped before the request ran: the server is stopping, or (`gone`) what it served went away
+    (a dropped collection)."""
+
+    def __init__(self, message: str, gone: bool = False):
+        super().__init__(message)
+        self.gone = gone
+
+
 class QueueExpired(RuntimeError):
     """The request waited in the queue longer than the queue timeout and was not run."""
 
@@ -101,7 +110,9 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher-{self._labels}")
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str = "the server is shutting down; retry on another replica", gone: bool = False
+                   ) -> None:
+        """Stop; requests queued or in a run get BatcherStopped(reason, gone)."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -110,7 +121,7 @@ class Batcher:
         running = [p for taken in self._runs.values() for p, _, _ in taken]
         for p in (*running, *self._queue):  # a request in a cancelled run would wait forever
             if not p.future.done():
-                p.future.set_exception(RuntimeError("server is shutting down"))
+                p.future.set_exception(BatcherStopped(reason, gone))
         self._runs.clear()
         self._queue.clear()
         self._queued_rows = 0

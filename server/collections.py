@@ -34,7 +34,7 @@ from index.filters import FilterError, compile_filter
 from index.manager import CollectionExists, CollectionNotFound, Collections
 from index.metadata import MetadataError, canonical_json
 from index.metadata import loads as metadata_loads
-from index.store import Put, StoreFull
+from index.store import Put, StoreClosed, StoreFull
 
 from . import hitwire, metrics, wire
 from .batcher import Batcher
@@ -189,6 +189,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         # another object, with another number).
         self._tags: weakref.WeakKeyDictionary[Collection, int] = weakref.WeakKeyDictionary()
         self._closing = False
+        self.ready = False  # set once the collections are open (start-up): calls before answer UNAVAILABLE
 
     def warm_caches(self) -> list[Future[int]]:
         """Start filling the hit cache from the collections' stores in a pool thread (at start-up), smallest
@@ -225,7 +226,13 @@ class CollectionsService(pb_grpc.CollectionsServicer):
             tag = self._tags.setdefault(c, self.hits.tag())
         return tag
 
+    def _opened(self) -> None:
+        if not self.ready:
+            raise ApiError(Code.UNAVAILABLE, "the server is still opening its collections (health NOT_SERVING); "
+                                             "retry shortly")
+
     def _collection(self, name: str) -> Collection:
+        self._opened()
         try:
             return self.collections.get(name)
         except CollectionNotFound as e:
@@ -264,6 +271,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     @rpc("CreateCollection")
     async def CreateCollection(self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
                                ) -> pb.CollectionInfo:
+        self._opened()
         m = self.registry.get(request.model, request.version)
         spec = Spec.new(request.name, m.name, m.version, m.bundle.manifest.image.sha256, m.bundle.manifest.dim,
                         request.metric, request.index_spec)
@@ -279,6 +287,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     @rpc("ListCollections")
     async def ListCollections(self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ListCollectionsResponse:
+        self._opened()
         infos = [await self._off_loop(self.info, c) for c in self.collections.all()]  # info() may wait on locks
         return pb.ListCollectionsResponse(collections=infos)
 
@@ -292,7 +301,8 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                              ) -> pb.DropCollectionResponse:
         c = self._collection(request.name)
         for key in [k for k in self._batchers if k[0] == request.name]:
-            await self._batchers.pop(key).stop()
+            await self._batchers.pop(key).stop(f"collection {request.name!r} was dropped while this call waited",
+                                               gone=True)
         await self._off_loop(self.collections.drop, request.name)
         observe(None, request.name)
         await self._off_loop(self.hits.forget, self._tag(c))  # its cache entries are never read again
@@ -302,7 +312,12 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     async def Rebuild(self, request: pb.RebuildRequest, context: grpc.aio.ServicerContext) -> pb.CollectionInfo:
         c = self._collection(request.name)
         self._bound_model(c)
-        await asyncio.get_running_loop().run_in_executor(self._rebuilds, c.rebuild)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._rebuilds, c.rebuild)
+        except (OSError, StoreClosed):
+            if self.collections.has(c):
+                raise
+            raise not_found(f"collection {request.name!r} was dropped while it was being rebuilt") from None
         return await self._off_loop(self.info, c)
 
     # -- vectors from items and query terms -------------------------------------------

@@ -8,8 +8,10 @@ counts it in Prometheus and keeps the server serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,10 +21,10 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from index.store import StoreClosed
+from index.store import StoreClosed, StoreFull
 
 from . import metrics
-from .batcher import QueueExpired, QueueFull
+from .batcher import BatcherStopped, QueueExpired, QueueFull
 
 log = logging.getLogger("tandem.server")
 Code = grpc.StatusCode
@@ -97,16 +99,29 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
                                    "items, queries or labels, a smaller top_k, no vectors or metadata)")
             except ApiError as e:
                 record(e.code)
-                await context.abort(e.code, e.message)
+                await context.abort(e.code, _said(e.message))
             except QueueFull as e:
                 record(Code.RESOURCE_EXHAUSTED)
-                await context.abort(Code.RESOURCE_EXHAUSTED, str(e))
+                await context.abort(Code.RESOURCE_EXHAUSTED, _said(str(e)))
             except QueueExpired as e:
                 record(Code.UNAVAILABLE)
-                await context.abort(Code.UNAVAILABLE, str(e))
+                await context.abort(Code.UNAVAILABLE, _said(str(e)))
             except StoreClosed as e:  # the collection was dropped while the call used it
                 record(Code.NOT_FOUND)
-                await context.abort(Code.NOT_FOUND, str(e))
+                await context.abort(Code.NOT_FOUND, _said(str(e)))
+            except BatcherStopped as e:
+                code = Code.NOT_FOUND if e.gone else Code.UNAVAILABLE
+                record(code)
+                await context.abort(code, _said(str(e)))
+            except (OSError, sqlite3.Error) as e:
+                if not _disk_full(e):
+                    log.exception("%s failed", method)
+                    record(Code.INTERNAL)
+                    await context.abort(Code.INTERNAL, f"{method} failed inside the server; the error is in the "
+                                        "server log")
+                record(Code.RESOURCE_EXHAUSTED)
+                await context.abort(Code.RESOURCE_EXHAUSTED, f"the server's disk is full ({e}); nothing of this call "
+                                    "was acknowledged; retry once space is freed")
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 record(Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED)
@@ -123,6 +138,26 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
         return wrapped
 
     return wrap
+
+
+MAX_MESSAGE_CHARS = 2000
+
+
+def _said(message: str) -> str:
+    """A status message cut to MAX_MESSAGE_CHARS: messages travel in gRPC trailers, which a client refuses past
+    8-16 KiB ("metadata size exceeds hard limit", seen as RESOURCE_EXHAUSTED); some quote a client's input."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... (message cut: {len(message):,} characters)"
+
+
+def _disk_full(e: BaseException) -> bool:
+    """An OSError ENOSPC / EDQUOT, or SQLite's "database or disk is full"."""
+    if isinstance(e, StoreFull):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "disk is full" in str(e) or "database or disk is full" in str(e)
 
 
 # -- request bodies that do not parse ---------------------------------------------------------------------

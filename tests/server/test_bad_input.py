@@ -313,3 +313,18 @@ def test_a_models_own_queue_bounds_its_classify_prompts_up_front(tiny_repo) -> N
         assert len(stub.Classify(pb.ClassifyRequest(images=[GOOD], labels=labels[:4]), timeout=30).results) == 1
     finally:
         server.stop()
+
+
+def test_messages_quoting_long_input_are_cut_not_lost(tiny_server) -> None:  # type: ignore[no-untyped-def]
+    """A 100,000-character model name or metric was quoted whole in the status message: the client refused the
+    trailers ("metadata size exceeds hard limit", RESOURCE_EXHAUSTED) and never saw the real error."""
+    long = "m" * 100_000
+    channel = tiny_server.channel()
+    for call in (lambda: pb_grpc.InferenceStub(channel).EmbedText(pb.EmbedTextRequest(model=long, texts=["a"]),
+                                                                   timeout=30),
+                 lambda: pb_grpc.CollectionsStub(channel).CreateCollection(
+                     pb.CreateCollectionRequest(name="x", metric=long), timeout=30)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert "(message cut: " in info.value.details() and len(info.value.details()) < 2200

@@ -625,13 +625,18 @@ def test_dropping_a_collection_while_others_read_and_write_it(shapes_server) -> 
                         c.get("racing", [f"x{i}" for i in range(50)], with_vectors=True)
                     elif kind == "search":
                         c.search("racing", v[0], filter="not exists zz")
+                    elif kind == "plain search":
+                        c.search("racing", v[1])
+                    elif kind == "rebuild":
+                        c.rebuild("racing")
                     else:
                         c.upsert("racing", [{"id": f"x{i}", "vector": v[i]} for i in range(50)])
                     seen.append("OK")
                 except TandemError as e:
                     seen.append(e.code.name)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in ("get", "get", "search", "upsert")]
+    threads = [threading.Thread(target=work, args=(k,)) for k in ("get", "search", "plain search", "upsert",
+                                                                     "rebuild")]
     with TandemClient(shapes_server.target) as admin:
         for t in threads:
             t.start()
@@ -655,3 +660,51 @@ def test_the_client_refuses_an_item_with_two_contents() -> None:
     with pytest.raises(ValueError, match="has image and vector; give exactly one of text, image, vector"):
         _item({"id": "a", "image": b"\x89PNG", "vector": np.zeros(4)})
     assert _item({"id": "a", "text": "x"}).text == "x"
+
+
+def test_collections_calls_while_the_server_opens_them_answer_unavailable(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Before the collections are open (health NOT_SERVING), ListCollections answered [] and the others NOT_FOUND
+    (or INTERNAL for a create over an existing folder): a client could conclude its data was gone."""
+    import asyncio
+    import threading
+
+    from index.manager import Collections
+    from server.app import TandemServer
+    from server.config import ServerConfig
+
+    gate, entered = threading.Event(), threading.Event()
+    real = Collections.load
+
+    def slow_load(self):  # type: ignore[no-untyped-def]
+        entered.set()
+        gate.wait(60)
+        return real(self)
+
+    monkeypatch.setattr(Collections, "load", slow_load)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make() -> TandemServer:
+        return TandemServer(ServerConfig(models=str(SHIPPED_MODELS), port=0, metrics_port=0, data_dir=str(tmp_path)))
+
+    server = asyncio.run_coroutine_threadsafe(make(), loop).result(60)
+    starting = asyncio.run_coroutine_threadsafe(server.start(), loop)
+    try:
+        assert entered.wait(60)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.CollectionsStub(channel)
+            for call, request in ((stub.ListCollections, pb.ListCollectionsRequest()),
+                                  (stub.GetCollection, pb.GetCollectionRequest(name="shapes")),
+                                  (stub.CreateCollection, pb.CreateCollectionRequest(name="shapes"))):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(request, timeout=10)
+                assert info.value.code() == C.UNAVAILABLE and "still opening its collections" in info.value.details()
+            gate.set()
+            starting.result(60)
+            assert stub.ListCollections(pb.ListCollectionsRequest(), timeout=10).collections == []
+    finally:
+        gate.set()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
