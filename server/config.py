@@ -65,8 +65,9 @@ class ServerConfig:
                             "cores, docs/benchmarks.md)")
     preprocess_threads: int = _f(4, "threads that decode and resize images")
     image_decoder: str = _f("auto", "who decodes and resizes images: pil (Pillow), torch (torchvision: JPEGs with "
-                            "nvJPEG on the GPU when the model runs on CUDA; JPEGs and PNGs on the CPU otherwise, "
-                            "1.6-2.2x Pillow's images a thread; needs torchvision, the nvjpeg extra) or auto (torch "
+                            "nvJPEG on the GPU when the model runs on CUDA; JPEGs and PNGs on the CPU otherwise: "
+                            "1.6-2.2x Pillow's images a thread, no gain end to end on 2 cores; needs torchvision, "
+                            "the nvjpeg extra) or auto (torch "
                             "when the model runs on CUDA and torchvision is installed, else pil). What torchvision "
                             "would not decode as Pillow does goes to Pillow")
     max_batch_size: int = _f(32, "most items per ONNX Runtime run")
