@@ -51,6 +51,7 @@ class Work:
     timeout_s: float = 0.0  # 0: no queue timeout
     stop: threading.Event = field(default_factory=threading.Event)
     started: bool = False  # an item of the request has started: the queue timeout no longer applies
+    expired: bool = False  # the queue timeout passed before any item started (set on the event loop)
 
     def may_start(self, tower: str) -> bool:
         """Called in the worker thread as an item starts: False (counted) when it must not run."""
@@ -62,6 +63,15 @@ class Work:
             self.stop.set()
             raise QueueTimeout()
         self.started = True
+        return True
+
+    def expire(self) -> bool:
+        """On the event loop, queue_timeout_ms after the request arrived: stop it if none of its items has
+        started (True); a request waiting behind busy threads is refused now, not when a thread frees up."""
+        if self.started or self.stop.is_set():
+            return False
+        self.expired = True
+        self.stop.set()
         return True
 
     def timeout_error(self) -> ApiError:
@@ -102,7 +112,7 @@ class Admission:
             INFLIGHT_ITEMS.labels(model, tower).dec(n)
 
     @contextmanager
-    def preprocess(self, model: str, tower: str, n: int) -> Iterator[Work]:
+    def preprocess(self, model: str, tower: str, n: int, started: bool = False) -> Iterator[Work]:
         """Hold n preprocessing places for the block, or raise RESOURCE_EXHAUSTED at once; the Work it yields
         is stopped when the block ends, so that nothing of it starts afterwards."""
         if self.preprocessing + n > self.max_preprocess_items:
@@ -112,7 +122,7 @@ class Admission:
                 f"brings {n}, more than max_preprocess_items={self.max_preprocess_items}; retry with backoff"
             )
         self.preprocessing += n
-        work = Work(timeout_s=self.timeout_s)
+        work = Work(timeout_s=self.timeout_s, started=started)  # started: a later part of a request under way
         try:
             yield work
         finally:

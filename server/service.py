@@ -138,16 +138,18 @@ class Inference(pb_grpc.InferenceServicer):
 
     # -- shared steps ----------------------------------------------------------
     async def _run_items(self, m: LoadedModel, tower: str, fn: Callable[[int], Any], n: int, fail_fast: bool,
-                         items: int | None = None) -> list[Any]:
+                         items: int | None = None, started: bool = False) -> list[Any]:
         """fn(0..n-1) in the preprocessing threads, after admission of `items` (default n) images or texts
         (RESOURCE_EXHAUSTED at once when full).
 
         fn returns a value or an ApiError for a bad item. With fail_fast, the first bad item ends the call:
         items not started never start, and items running finish (Pillow cannot be interrupted) unanswered.
         The same holds when the caller is cancelled (client gone, deadline passed): nothing is left queued.
+        With queue_timeout_ms, a request none of whose items has started by then is refused at that moment
+        (`started`: a later part of a request whose first part ran, never timed out).
         """
         loop = asyncio.get_running_loop()
-        with self.admission.preprocess(m.name, tower, n if items is None else items) as work:
+        with self.admission.preprocess(m.name, tower, n if items is None else items, started) as work:
 
             def one(i: int) -> Any:
                 if not work.may_start(tower):
@@ -160,19 +162,33 @@ class Inference(pb_grpc.InferenceServicer):
             # Futures of the pool itself: their cancel() says whether the item had started.
             submitted = [self.registry.preprocess_pool.submit(one, i) for i in range(n)]
             futures = [asyncio.wrap_future(f, loop=loop) for f in submitted]
+
+            def expire() -> None:
+                if work.expire():
+                    for f in submitted:  # the ones not started: their asyncio futures end as cancelled
+                        f.cancel()
+
+            timer = loop.call_later(work.timeout_s, expire) if work.timeout_s and not work.started else None
             try:
                 for next_done in asyncio.as_completed(futures):
                     out = await next_done
                     if fail_fast and isinstance(out, ApiError):
                         raise out
                 return [f.result() for f in futures]
-            except QueueTimeout:
+            except (QueueTimeout, asyncio.CancelledError) as e:
+                if isinstance(e, asyncio.CancelledError) and not work.expired:
+                    raise  # the caller was cancelled (client gone, deadline passed)
                 ADMISSION_REJECTED.labels(m.name, tower, "queue_timeout").inc()
                 raise work.timeout_error() from None
             finally:
+                if timer is not None:
+                    timer.cancel()
                 work.stop.set()
                 cancelled = sum(f.cancel() for f in submitted)
-                if cancelled:
+                if work.expired:  # one item counts as expired, as a thread would have counted it
+                    PREPROCESS_ITEMS.labels(tower, "expired").inc()
+                    cancelled -= 1
+                if cancelled > 0:
                     PREPROCESS_ITEMS.labels(tower, "cancelled").inc(cancelled)
 
     async def embed_texts(self, m: LoadedModel, texts: list[str], reject_truncated: bool = False
@@ -216,6 +232,7 @@ class Inference(pb_grpc.InferenceServicer):
         stage = {s: metrics.STAGE_SECONDS.labels(s, m.name, "image") for s in ("decode", "preprocess")}
         raw = isinstance(images, np.ndarray)
         done: list[np.ndarray | ApiError | None] = [None] * len(images)
+        under_way = False  # a first part of the request ran: the queue timeout no longer applies
         if m.torch_images is not None and not raw and len(images):
             # One preprocessing-thread call decodes and resizes the JPEGs torchvision takes, together (one nvJPEG
             # batch on CUDA); Pillow takes the rest below, image by image in parallel, and words the errors.
@@ -228,6 +245,7 @@ class Inference(pb_grpc.InferenceServicer):
                 return out
 
             [done] = await self._run_items(m, "image", batch, 1, fail_fast, items=len(images))  # type: ignore[misc]
+            under_way = True
 
         def one(i: int) -> np.ndarray | ApiError:
             seconds: dict[str, float] = {}
@@ -246,10 +264,11 @@ class Inference(pb_grpc.InferenceServicer):
 
         rest = [i for i, x in enumerate(done) if x is None]
         if len(rest) == len(images):
-            return await self._run_items(m, "image", one, len(images), fail_fast)
+            return await self._run_items(m, "image", one, len(images), fail_fast, started=under_way)
         if not rest:
             return done  # type: ignore[return-value]
-        for i, x in zip(rest, await self._run_items(m, "image", lambda j: one(rest[j]), len(rest), fail_fast)):
+        for i, x in zip(rest, await self._run_items(m, "image", lambda j: one(rest[j]), len(rest), fail_fast,
+                                                    started=under_way)):
             done[i] = x
         return done  # type: ignore[return-value]
 

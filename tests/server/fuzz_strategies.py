@@ -707,10 +707,11 @@ class FuzzSession:
         if code == C.OK and request is not None and (p := response_problem(method, request, response)):
             problems.append(p)
         problems += [f"server logged: {line}" for line in logged if known is None or known.fragment not in line]
-        if (p := self.health_problem()) is not None:
-            problems.append(p)
         self._clean_up(method, request, code)
         if method in ("LoadModel", "UnloadModel") and (p := self._reload(method, code)):
+            problems.append(p)
+        # After the reload: with its only model unloaded the server is rightly NOT_SERVING until it is back
+        if (p := self.health_problem()) is not None:
             problems.append(p)
         return Outcome(method, code, details, seconds, problems, known and known.name)
 
