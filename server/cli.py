@@ -130,13 +130,29 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from tandem.v1 import tandem_pb2 as pb
+
     with _client(args) as c:
         r = c.list_models()
-    for m in r.models:
-        default = " (default)" if (m.model.name, m.model.version) == (r.default_model.name, r.default_model.version) else ""
-        print(f"{m.model.name}/{m.model.version}{default}: {m.kind}, {m.architecture}, dim {m.dim}, "
-              f"image {m.image_size}px, context {m.context_length}, {m.precision}, {m.execution_provider}, "
-              f"parity {m.parity_min_cosine:.6f}")
+    models = [m for m in r.models if (not args.model or m.model.name == args.model)
+              and (not args.version or m.model.version == args.version)]
+    if (args.model or args.version) and not models:
+        print(f"error: no model {args.model or '*'}/{args.version or '*'} on {args.server}; it has "
+              + (", ".join(f"{m.model.name}/{m.model.version}" for m in r.models) or "none"), file=sys.stderr)
+        return 1
+    for m in models:
+        default = (m.model.name, m.model.version) == (r.default_model.name, r.default_model.version)
+        if args.json:
+            print(json.dumps({**MessageToDict(m, preserving_proto_field_name=True), "default": default}))
+            continue
+        name = f"{m.model.name}/{m.model.version}{' (default)' if default else ''}"
+        if m.status != pb.MODEL_STATUS_READY:  # no manifest fields: its status and why
+            status = pb.ModelStatus.Name(m.status).removeprefix("MODEL_STATUS_")
+            print(f"{name}: {status}" + (f": {m.reason}" if m.reason else ""))
+            continue
+        print(f"{name}: {m.kind}, {m.architecture}, dim {m.dim}, image {m.image_size}px, context "
+              f"{m.context_length}, {m.precision}, {m.execution_provider}, parity {m.parity_min_cosine:.6f}")
     return 0
 
 
@@ -710,7 +726,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _client_args(p)
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("models", description="list the models a running server has loaded")
+    p = sub.add_parser("models", description="list the models of a running server's repository: READY ones with "
+                       "their manifest fields, the others with their status and reason (--model/--version to "
+                       "show one, --json for JSON lines)")
     _client_args(p)
     p.set_defaults(func=cmd_models)
 

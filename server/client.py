@@ -237,7 +237,30 @@ def _images(images: Sequence[ImageLike] | np.ndarray) -> dict[str, Any]:
                              f"{list(images.shape)}")
         n, h, w, _ = images.shape
         return {"pixels": pb.Pixels(count=n, height=h, width=w, data=np.ascontiguousarray(images).tobytes())}
+    if isinstance(images, (str, bytes, Path)):  # one image where a list is meant: bytes would be split in bytes
+        raise TypeError(f"images must be a list of images (bytes or paths), got one {type(images).__name__}; "
+                        "wrap it in a list: [image]")
     return {"images": [_bytes(i) for i in images]}
+
+
+def _texts(texts: Sequence[str], what: str = "texts") -> list[str]:
+    if isinstance(texts, (str, bytes)):  # a str is a sequence of one-character texts
+        raise TypeError(f"{what} must be a list of strings, got one {type(texts).__name__}; wrap it in a list: "
+                        f"[{what[:-1]}]")
+    return list(texts)
+
+
+def _plain(value: Any) -> Any:
+    """Metadata with numpy scalars and arrays as Python numbers and lists (protobuf's Struct takes only those)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _result(r: pb.EmbedResponse) -> EmbedResult:
@@ -258,7 +281,7 @@ class _Requests:
 
     def text(self, texts: Sequence[str], normalize: bool, reject_truncated: bool, dtype: str
              ) -> pb.EmbedTextRequest:
-        return pb.EmbedTextRequest(model=self.model, version=self.version, texts=list(texts),
+        return pb.EmbedTextRequest(model=self.model, version=self.version, texts=_texts(texts),
                                    unnormalized=not normalize, reject_truncated=reject_truncated,
                                    dtype=_dtype(dtype))
 
@@ -269,7 +292,8 @@ class _Requests:
     def classify(self, images: Sequence[ImageLike] | np.ndarray, labels: Sequence[str],
                  templates: Sequence[str] | None, top_k: int) -> pb.ClassifyRequest:
         return pb.ClassifyRequest(model=self.model, version=self.version, **_images(images),
-                                  labels=list(labels), templates=list(templates or []), top_k=top_k)
+                                  labels=_texts(labels, "labels"), templates=_texts(templates or [], "templates"),
+                                  top_k=top_k)
 
 
 # -- collections ------------------------------------------------------------------
@@ -328,7 +352,11 @@ def _item(item: Mapping[str, Any]) -> pb.Item:
     if "vector" in item:
         out.vector.CopyFrom(encode_matrix(np.asarray(item["vector"], np.float32).reshape(1, -1)))
     if item.get("metadata"):
-        out.metadata.update(item["metadata"])
+        try:
+            out.metadata.update(_plain(item["metadata"]))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"item {item.get('id')!r}: metadata {item['metadata']!r} is not JSON-like: {e}; use "
+                             "strings, numbers, booleans, lists and dicts") from None
     return out
 
 

@@ -164,6 +164,14 @@ def _item_results(items: Sequence[pb.Item], errors: dict[int, ApiError]) -> list
             else pb.ItemResult(id=item.id) for i, item in enumerate(items)]
 
 
+def _check_ids(ids: Sequence[str]) -> None:
+    """Ids as Upsert takes them (1 to MAX_ID_CHARS characters): one no item can have is a mistake to say so."""
+    for i, item_id in enumerate(ids):
+        if not item_id or len(item_id) > MAX_ID_CHARS:
+            raise invalid(f"ids[{i}] is {'empty' if not item_id else f'{len(item_id):,} characters'}; ids are 1 to "
+                          f"{MAX_ID_CHARS} characters")
+
+
 def _entry_bytes(entry: tuple[bytes, bytes]) -> int:
     return len(entry[0]) + len(entry[1]) + ENTRY_OVERHEAD
 
@@ -321,7 +329,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         return await self._off_loop(self.info, c)
 
     # -- vectors from items and query terms -------------------------------------------
-    def _vector(self, m: pb.Matrix, dim: int, what: str) -> np.ndarray | ApiError:
+    def _vector(self, m: pb.Matrix, dim: int, what: str, cosine: bool = False) -> np.ndarray | ApiError:
         try:
             x = wire.decode(m, what)
         except wire.MatrixError as e:
@@ -333,6 +341,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         # one check instead of two on every vector, a batch-1 search paying for each array call.
         squared = float(np.dot(v.astype(np.float64), v))
         if squared <= MAX_NORM * MAX_NORM:
+            if cosine and squared < 1e-30:  # no direction: every cosine with it would be 0 (or NaN)
+                return invalid(f"{what} has length 0; a cosine collection compares directions, and this vector "
+                               "has none")
             return v
         if not math.isfinite(squared):
             return invalid(f"{what} has NaN or infinite values")
@@ -429,7 +440,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 continue
             kind = item.WhichOneof("content")
             if kind == "vector":
-                vectors[i] = self._vector(item.vector, c.spec.dim, f"items[{i}].vector")
+                vectors[i] = self._vector(item.vector, c.spec.dim, f"items[{i}].vector", c.spec.metric == "cosine")
             elif kind == "text":
                 texts[i] = item.text
             elif kind == "image":
@@ -485,6 +496,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         c = self._collection(request.collection)
         ids = list(request.ids)
+        _check_ids(ids)
         where = self._where(request.filter)
         if ids and where is not None:
             raise invalid("give ids or a filter, not both")
@@ -499,6 +511,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         c = self._collection(request.collection)
         ids = list(request.ids)
         self.inference._check_count(len(ids), "ids")
+        _check_ids(ids)
         found = await self._off_loop(c.get, ids)
         present = [i for i in dict.fromkeys(ids) if i in found]
         r = pb.GetResponse(items=[pb.StoredItem(id=i, metadata=_struct(found[i][2])) for i in present],
@@ -517,7 +530,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 and terms[0].weight in (0.0, 1.0):
             # One plain vector, the common batch-1 search: the general path below without its bookkeeping (on a
             # lone search, that cost as much as FAISS). Collection.search prepares it (normalises, for cosine).
-            v = self._vector(terms[0].vector, c.spec.dim, "queries[0].terms[0].vector")
+            v = self._vector(terms[0].vector, c.spec.dim, "queries[0].terms[0].vector", c.spec.metric == "cosine")
             if isinstance(v, ApiError):
                 raise v
             return v[None]
@@ -545,7 +558,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                 elif kind == "image":
                     images[key] = t.image
                 elif kind == "vector":
-                    v = self._vector(t.vector, c.spec.dim, f"{what}.vector")
+                    v = self._vector(t.vector, c.spec.dim, f"{what}.vector", c.spec.metric == "cosine")
                     if isinstance(v, ApiError):
                         raise v
                     plain[key] = v
@@ -576,6 +589,10 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         for key, (qi, weight) in enumerate(flat):
             out[qi] += weight * c.prepare(plain[key][None])[0]
         norms = np.linalg.norm(out, axis=1)
+        if c.spec.metric == "cosine":
+            for qi in np.flatnonzero(norms < 1e-15):
+                raise invalid(f"queries[{qi}]: its weighted terms cancel out (length 0), so it has no direction "
+                              "to compare; change the weights")
         for qi in np.flatnonzero(~(norms <= MAX_NORM)):
             raise invalid(f"queries[{qi}]: its weighted sum of terms has length {norms[qi]:.3g}, over {MAX_NORM:g}: "
                           "float32 scores would overflow; use smaller weights (for cosine and ip only their "

@@ -475,6 +475,7 @@ def _with(index: int, value: float, scale: float = 1.0) -> np.ndarray:
     (_with(63, -np.inf), "has NaN or infinite values"),
     (np.full(64, 2e14, np.float32), r"has length 1.6e\+15, over 1e\+15"),
     (np.full(64, 3e18, np.float32), r"has length 2.4e\+19, over 1e\+15"),  # its float32 square is infinite
+    (np.zeros(64, np.float32), "has length 0; a cosine collection compares directions"),  # scored 0 against all
 ])
 def test_vectors_that_are_not_finite_or_too_long_are_refused_in_queries_and_items(shapes_server, shapes, vector, message) -> None:  # type: ignore[no-untyped-def]
     with TandemClient(shapes_server.target) as c:
@@ -498,6 +499,12 @@ def test_query_with_wrong_dimension_or_unknown_id(shapes_server, shapes) -> None
             c.search("shapes", ById("ghost"))
         with pytest.raises(InvalidArgument, match="give the ids to delete, or a filter"):
             c.delete("shapes")
+        with pytest.raises(InvalidArgument, match="its weighted terms cancel out"):  # "a" - "a": no direction
+            c.search("shapes", [(1.0, "a red circle"), (-1.0, "a red circle")])
+        with pytest.raises(InvalidArgument, match=r"ids\[1\] is 300 characters; ids are 1 to 256"):
+            c.get("shapes", ["fine", "x" * 300])
+        with pytest.raises(InvalidArgument, match=r"ids\[0\] is empty"):
+            c.delete("shapes", [""])
 
 
 def test_collection_survives_a_restart_and_a_corrupt_snapshot(tmp_path: Path) -> None:
@@ -660,6 +667,24 @@ def test_the_client_refuses_an_item_with_two_contents() -> None:
     with pytest.raises(ValueError, match="has image and vector; give exactly one of text, image, vector"):
         _item({"id": "a", "image": b"\x89PNG", "vector": np.zeros(4)})
     assert _item({"id": "a", "text": "x"}).text == "x"
+    # numpy scalars and arrays in metadata (protobuf's Struct refused them without naming the item)
+    meta = _item({"id": "n", "text": "x", "metadata": {"n": np.int64(3), "ok": np.bool_(True), "v": np.arange(2)}})
+    assert dict(meta.metadata) == {"n": 3.0, "ok": True, "v": [0.0, 1.0]}
+    with pytest.raises(ValueError, match="item 'bad': metadata"):
+        _item({"id": "bad", "text": "x", "metadata": {"when": object()}})
+
+
+def test_the_client_refuses_one_text_or_image_where_a_list_is_meant() -> None:
+    """embed_text("hello") embedded five one-letter texts; embed_image(b"...") one image per byte."""
+    from server.client import _Requests
+
+    r = _Requests("", "")
+    with pytest.raises(TypeError, match=r"texts must be a list of strings, got one str; wrap it in a list"):
+        r.text("hello", True, False, "float32")
+    with pytest.raises(TypeError, match="images must be a list of images"):
+        r.image(b"\x89PNG...", True, "float32")
+    with pytest.raises(TypeError, match="labels must be a list"):
+        r.classify([b"x"], "cat", None, 1)
 
 
 def test_collections_calls_while_the_server_opens_them_answer_unavailable(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

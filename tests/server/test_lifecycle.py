@@ -270,6 +270,26 @@ def test_shutdown_lets_calls_in_progress_finish_within_the_grace(repo) -> None: 
     running.thread.join(timeout=10)
 
 
+def test_tandem_models_shows_status_filters_and_prints_json(repo, capsys) -> None:  # type: ignore[no-untyped-def]
+    from cli import main
+
+    corrupt(add_bundle(repo, repo / "tiny-image" / "1", "broken", "1"))
+    running = start_server(repo, default_model="tiny-clip")
+    try:
+        assert main(["models", "--server", running.target]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert "broken/1: UNAVAILABLE: broken/1/image.onnx: sha256 does not match the manifest" in table[0]
+        assert table[1].startswith("tiny-clip/1 (default): clip,") and len(table) == 3
+        assert main(["models", "--server", running.target, "--model", "tiny-image", "--json"]) == 0
+        [line] = capsys.readouterr().out.splitlines()
+        got = json.loads(line)
+        assert got["model"] == {"name": "tiny-image", "version": "1"} and got["dim"] == 32 and not got["default"]
+        assert main(["models", "--server", running.target, "--model", "nope"]) == 1
+        assert "no model nope/* on" in capsys.readouterr().err
+    finally:
+        running.stop()
+
+
 def test_a_bundle_whose_towers_do_not_answer_its_manifest_dim_is_unavailable(repo) -> None:  # type: ignore[no-untyped-def]
     """It loaded as READY and reported the manifest's dim: a collection bound to it stored vectors of another
     size and failed its searches."""
