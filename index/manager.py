@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from .collection import Collection, CollectionError, Spec, check_name, shown
+from .collection import STORE_FILE, Collection, CollectionError, Spec, check_name, shown
 
 log = logging.getLogger("tandem.index")
 
@@ -66,6 +66,9 @@ class Collections:
             if folder.name.startswith("."):  # .creating-* / .dropped-*: never acknowledged, or already dropped
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
+            if folder.is_dir() and not (folder / STORE_FILE).exists():  # lost+found, a copy's leftovers, ...
+                log.warning("%s has no %s: not a collection, left alone", folder, STORE_FILE)
+                continue
             if folder.is_dir():
                 try:
                     self._by_name[folder.name] = Collection.open(folder, self.snapshot_every, self.device)
@@ -78,6 +81,9 @@ class Collections:
         with self._lock:
             if spec.name in self._by_name:
                 raise CollectionExists(f"collection {spec.name!r} exists already; drop it first or pick another name")
+            if (self.root / spec.name).exists():
+                raise CollectionExists(f"{self.root / spec.name} is in the way: a folder that is not a collection; "
+                                       "move it away, or pick another name")
             tmp = self.root / f".creating-{spec.name}-{os.getpid()}-{time.monotonic_ns()}"
             Collection.create(tmp, spec, device="cpu").close(snapshot=False)
             final = self.root / spec.name

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from index.collection import Collection, CollectionError, Spec
-from index.manager import Collections
+from index.manager import CollectionExists, Collections
 from index.store import Put, StoreFull
 
 
@@ -362,3 +362,16 @@ def test_hnsw_collections_search_64_candidates_after_a_restart_too(tmp_path: Pat
     assert faiss.downcast_index(c.index.index).hnsw.efSearch == 64
     c.close()
     assert recall >= 0.9
+
+
+def test_a_folder_that_is_not_a_collection_is_left_alone(tmp_path: Path) -> None:
+    """lost+found (or any folder without a store) got a store.sqlite written into it, then start-up refused it."""
+    cs = Collections(tmp_path)
+    cs.claim()
+    (tmp_path / "collections" / "lost+found").mkdir()
+    (tmp_path / "collections" / "stray").mkdir()
+    cs.load()
+    assert cs.all() == [] and not (tmp_path / "collections" / "lost+found" / "store.sqlite").exists()
+    with pytest.raises(CollectionExists, match="is in the way: a folder that is not a collection"):
+        cs.create(Spec.new("stray", "m", "1", "sha", 16, "cosine", ""))
+    cs.close()
