@@ -22,7 +22,7 @@ serving (the serving install, `make serve`):
   serve          serve every bundle under a model repository over gRPC
   embed          embed texts and/or image files with a running server
   classify       zero-shot classify image files with a running server
-  models         list the models a running server has loaded
+  models         list a running server's models: status, precision, provider (--json)
   search         search a collection with texts and/or images; --sheet draws a contact sheet
   index          collections: create, list, describe, drop, rebuild, ingest (a folder of images), eval (recall)
   bench          load-test a running server: items/s, p50/p95/p99, batch sizes, ratio to raw ONNX Runtime
@@ -32,7 +32,7 @@ training (the training extra, `pip install -e '.[train]'`; `make test` installs 
   train          train CLIP or a self-supervised image encoder (torchrun -m training for several processes)
   eval           kNN or linear-probe accuracy of an image encoder
   export         export a model to a parity-checked ONNX bundle
-  bundle         upgrade bundles written by earlier versions
+  bundle         upgrade bundles written by earlier versions, sign them (works in the serving install too)
   architectures  list the open_clip architectures export and train know
 """
 

@@ -902,8 +902,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     import textwrap
 
     description = "\n\n".join(textwrap.fill(" ".join(para.split()), 100) for para in DESCRIPTION.split("\n\n"))
-    p = subparsers.add_parser("bench", help="load-test a running server and compare it with raw ONNX Runtime",
-                              description=description, epilog=EPILOG,
+    p = subparsers.add_parser("bench", description=description, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", type=parse_server, default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="host:port of a running `tandem serve` (default 127.0.0.1:50051)")

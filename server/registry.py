@@ -159,6 +159,9 @@ class Registry:
         if not self.models:
             raise BundleError(f"none of the {len(folders)} bundle(s) under {self.repository} could be loaded:\n"
                               + "\n".join(f"  {e.name}/{e.version}: {e.reason}" for e in self.entries.values()))
+        for name in sorted(set(self.config.model_settings) - {name for name, _ in self.entries}):
+            log.warning('[server.model."%s"] names no model of %s (models: %s): a typo? Its settings apply to '
+                        "nothing", name, self.repository, ", ".join(sorted({n for n, _ in self.entries})))
         default = self.config.default_model
         if default and default not in {name for name, _ in self.entries}:
             raise BundleError(f"default_model {default!r} is not in {self.repository} "
