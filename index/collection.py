@@ -53,7 +53,7 @@ from bundle.manifest import sha256_of
 
 from . import gpu
 from .rwlock import ReadWriteLock
-from .store import Put, Reader, Store, Written, connect
+from .store import Put, Reader, Store, StoreClosed, Written, connect
 
 log = logging.getLogger("tandem.index")
 
@@ -71,6 +71,7 @@ SEARCH_THREADS = os.cpu_count() or 1
 # Deleted items wait as tombstones in the index; past this share of it a background rebuild compacts them away.
 COMPACT_DELETED_FRACTION = 0.1
 COMPACT_MIN_DELETED = 1000
+BACKGROUND_JOIN_S = 5.0  # how long close() waits for a background training or compaction
 
 
 class IndexBusy(RuntimeError):
@@ -578,6 +579,9 @@ class Collection:
         def run() -> None:
             try:
                 fn()
+            except StoreClosed:  # closed meanwhile (dropped, or the server stopping): nothing to finish
+                log.info("collection %s: background %s stopped: the collection was closed", self.spec.name, name)
+                return
             except Exception:
                 log.exception("collection %s: background %s failed", self.spec.name, name)
             # Writes that arrived meanwhile may call for training (they found this thread busy and went on).
@@ -710,7 +714,12 @@ class Collection:
         with self._background_lock:  # no background thread starts after this
             self._closed = True
         if self._background is not None:
-            self._background.join(timeout=600)
+            # A training or compaction is derived state (the store has every item): after a few seconds it is
+            # left to end with the process (a daemon thread) rather than holding a shutdown past its grace.
+            self._background.join(timeout=BACKGROUND_JOIN_S)
+            if self._background.is_alive():
+                log.warning("collection %s: closing while its background %s still runs; it is abandoned (the "
+                            "next start rebuilds the index from the store)", self.spec.name, self._background.name)
         self.store.close()
         if snapshot and self.indexed_seq != self.snapshot_seq:
             self.snapshot()
