@@ -64,6 +64,7 @@ EXACT_FILTER_MAX = 20_000  # a filter matching at most this many items is answer
 # IVF indexes get the smallest nprobe reaching this recall@10 on a sample of their own vectors (each query's
 # own item left out). 0.97 on the sample gave 0.95-0.97 on unseen queries (docs/benchmarks.md).
 TARGET_RECALL = 0.97
+EXACT_BLOCK = 10_000  # stored vectors scored at once by an exact search over a filter's matches
 HNSW_EF_SEARCH = 64  # candidates an HNSW search keeps (FAISS's default is 16); see _with_ef_search
 SNAPSHOT_EVERY_CHANGES = 20_000
 STORE_FILE, SNAPSHOT_FILE = "store.sqlite", "snapshot.json"
@@ -421,9 +422,14 @@ class Collection:
                     if not gpu.LOCK.acquire(blocking=wait):  # another search or copy is using the GPU
                         raise IndexBusy(self.spec.name)
                     try:
-                        return (*self._search_replica(q, k), not self._approximate)
+                        d, i = self._search_replica(q, k)
                     finally:
                         gpu.LOCK.release()
+                    if self._approximate:  # short answers are searched again on the CPU copy
+                        alive = self._alive_selector()
+                        d, i = self._widen(q, k, d, i, alive[0] if alive else None,
+                                           min(k, self.index.ntotal - len(self._tombstones)), None)
+                    return d, i, not self._approximate
                 if (alive := self._alive_selector()) is not None:
                     sel = alive[0]
             try:
@@ -462,7 +468,10 @@ class Collection:
             effort = min(4 * effort, top)
             params = (faiss.SearchParametersHNSW(sel=sel, efSearch=effort) if hnsw is not None
                       else faiss.SearchParametersIVF(sel=sel, nprobe=effort))
-            d[short], i[short] = self._scores(*self.index.search(q[short], k, params=params))
+            try:
+                d[short], i[short] = self._scores(*self.index.search(q[short], k, params=params))
+            except RuntimeError:  # an index that takes no such parameters (IVF under a Refine): score exactly
+                break
             short = short[(i[short] >= 0).sum(1) < want]
         if len(short):
             d[short], i[short] = (self._exact_over(q[short], k, rows) if rows is not None
@@ -526,11 +535,19 @@ class Collection:
                     ) -> tuple[np.ndarray, np.ndarray]:
         """Score the given stored items exactly (a filter's matches; read through `reader` when given, else one
         deleted or replaced since the filter ran is left out)."""
-        got = (reader or self.store).rows_by_rowid(rowids)
-        if len(got) < len(rowids):
-            rowids = np.fromiter((r for r in rowids if int(r) in got), np.int64)
-        vectors = np.stack([got[int(r)] for r in rowids]) if len(rowids) else np.zeros((0, self.spec.dim), np.float32)
-        return _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
+        best_s = np.full((len(q), k), -np.inf, np.float32)
+        best_i = np.full((len(q), k), -1, np.int64)
+        for start in range(0, len(rowids), EXACT_BLOCK):  # memory for one block, however many match
+            block = rowids[start : start + EXACT_BLOCK]
+            got = (reader or self.store).rows_by_rowid(block)
+            if len(got) < len(block):
+                block = np.fromiter((r for r in block if int(r) in got), np.int64)
+            if not len(block):
+                continue
+            vectors = np.stack([got[int(r)] for r in block])
+            s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(block, (len(q), len(block))), k)
+            best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
+        return best_s, best_i
 
     def _exact_all(self, q: np.ndarray, k: int, up_to_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Score every stored item, a block at a time (exact: true on an approximate index): those written up to
@@ -710,16 +727,25 @@ class Collection:
                     "exact": not self._approximate, "durable_seq": self.indexed_seq,
                     "snapshot_seq": self.snapshot_seq, "deleted_pending": len(self._tombstones)}
 
-    def close(self, snapshot: bool = True) -> None:
-        with self._background_lock:  # no background thread starts after this
+    def stop_background(self) -> None:
+        """No background training or compaction starts after this (close() calls it; Collections.close calls
+        it on every collection first, so that their running ones share one wait)."""
+        with self._background_lock:
             self._closed = True
+
+    def close(self, snapshot: bool = True, deadline: float | None = None) -> None:
+        """`deadline` (time.monotonic()): until when to wait for a background training (BACKGROUND_JOIN_S
+        from now by default)."""
+        self.stop_background()
         if self._background is not None:
             # A training or compaction is derived state (the store has every item): after a few seconds it is
             # left to end with the process (a daemon thread) rather than holding a shutdown past its grace.
-            self._background.join(timeout=BACKGROUND_JOIN_S)
+            wait = BACKGROUND_JOIN_S if deadline is None else max(0.0, deadline - time.monotonic())
+            self._background.join(timeout=wait)
             if self._background.is_alive():
                 log.warning("collection %s: closing while its background %s still runs; it is abandoned (the "
-                            "next start rebuilds the index from the store)", self.spec.name, self._background.name)
+                            "next start loads the last snapshot and replays the store after it)", self.spec.name,
+                            self._background.name)
         self.store.close()
         if snapshot and self.indexed_seq != self.snapshot_seq:
             self.snapshot()

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from .collection import STORE_FILE, Collection, CollectionError, Spec, check_name, shown
+from .collection import BACKGROUND_JOIN_S, STORE_FILE, Collection, CollectionError, Spec, check_name, shown
 
 log = logging.getLogger("tandem.index")
 
@@ -82,8 +82,9 @@ class Collections:
             if spec.name in self._by_name:
                 raise CollectionExists(f"collection {spec.name!r} exists already; drop it first or pick another name")
             if (self.root / spec.name).exists():
-                raise CollectionExists(f"{self.root / spec.name} is in the way: a folder that is not a collection; "
-                                       "move it away, or pick another name")
+                raise CollectionExists(f"a folder named {spec.name!r} is still in the data dir: a collection being "
+                                       "dropped (retry in a few seconds), or a folder that is not a collection "
+                                       "(move it away); or pick another name")
             tmp = self.root / f".creating-{spec.name}-{os.getpid()}-{time.monotonic_ns()}"
             Collection.create(tmp, spec, device="cpu").close(snapshot=False)
             final = self.root / spec.name
@@ -117,8 +118,12 @@ class Collections:
         shutil.rmtree(gone, ignore_errors=True)
 
     def close(self) -> None:
-        for c in self.all():
-            c.close()
+        collections = self.all()
+        for c in collections:  # all of them first: their background trainings share one wait below
+            c.stop_background()
+        deadline = time.monotonic() + BACKGROUND_JOIN_S
+        for c in collections:
+            c.close(deadline=deadline)
         self._by_name.clear()
         if self._owner is not None:
             os.close(self._owner)  # releases the flock

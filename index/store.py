@@ -328,7 +328,8 @@ class Store:
             self._db.execute("DELETE FROM deletions WHERE seq <= ?", (up_to_seq,))
 
     def close(self) -> None:
-        """Writes queued before this commit; later calls raise StoreClosed; reads in progress finish first."""
+        """Writes queued before this commit; later calls raise StoreClosed; reads in progress on the shared
+        connection finish first (a `consistent` reader keeps its own connection until it returns it)."""
         with self._write_gate, self._read_lock:
             if self._closed:
                 return

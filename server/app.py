@@ -139,6 +139,8 @@ class TandemServer:
             log.info("collection %s: %d items, %s index, searching on the %s", c.spec.name, c.count(), c.kind,
                      "GPU" if c.device == "cuda" else "CPU")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.registry.serving = True
+        await self.registry.set_overall_health()  # NOT_SERVING again if an UnloadModel left no model meanwhile
         unavailable = [f"{e.name}/{e.version}" for e, m in self.registry.listing() if m is None]
         log.info("SERVING %d model(s)%s, %d collection(s); default model %s", len(self.registry.all()),
                  f" ({len(unavailable)} unavailable: {', '.join(unavailable)})" if unavailable else "",

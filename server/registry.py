@@ -138,6 +138,7 @@ class Registry:
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self.entries: dict[tuple[str, str], Entry] = {}
         self.ready = False  # the start-up load is over
+        self.serving = False  # the whole server has started (collections open): model changes move its health
         self.health: Any = None  # a grpc_health HealthServicer: per-bundle statuses go there when set
         self.public_key = load_public_key(Path(config.bundle_public_key)) if config.bundle_public_key else None
         # Threads start as needed: up to model_runners per model and tower run at once.
@@ -483,11 +484,18 @@ class Registry:
 
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             await self.health.set(health_name(name, version), status)
-            if self.ready:  # after start-up (the server sets them then): "" and Inference need a READY model
-                overall = health_pb2.HealthCheckResponse.SERVING if self.models else \
-                    health_pb2.HealthCheckResponse.NOT_SERVING
-                for service in ("", "tandem.v1.Inference"):
-                    await self.health.set(service, overall)
+            if self.serving:  # after start-up (the server sets them then): "" and Inference need a READY model
+                await self.set_overall_health()
+
+    async def set_overall_health(self) -> None:
+        """"" and tandem.v1.Inference: SERVING while a model is READY."""
+        if self.health is not None:
+            from grpc_health.v1 import health_pb2
+
+            overall = health_pb2.HealthCheckResponse.SERVING if self.models else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", "tandem.v1.Inference"):
+                await self.health.set(service, overall)
 
     async def close(self) -> None:
         for task in self._retiring:

@@ -83,10 +83,11 @@ class TorchImages:
                 decoded = [self.decode_image(d, mode=self.rgb) for d in data]
             else:
                 decoded = self.decode_jpeg(data, mode=self.rgb, device=self.device)
-        except RuntimeError:  # a corrupt image in the batch: Pillow takes them all and names the bad one
+            x = torch.stack([self._geometry(t) for t in decoded]).float().div_(255).sub_(self.mean).div_(self.std)
+            rows = x.cpu().numpy()
+        except RuntimeError:  # a corrupt image, GPU memory ...: Pillow takes them all (and names a bad one)
             return out, 0.0
-        x = torch.stack([self._geometry(t) for t in decoded]).float().div_(255).sub_(self.mean).div_(self.std)
-        for row, i in zip(x.cpu().numpy(), picked):
+        for row, i in zip(rows, picked):
             out[i] = row
         self.decoded += len(picked)
         return out, time.perf_counter() - started

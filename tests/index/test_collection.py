@@ -372,6 +372,23 @@ def test_a_folder_that_is_not_a_collection_is_left_alone(tmp_path: Path) -> None
     (tmp_path / "collections" / "stray").mkdir()
     cs.load()
     assert cs.all() == [] and not (tmp_path / "collections" / "lost+found" / "store.sqlite").exists()
-    with pytest.raises(CollectionExists, match="is in the way: a folder that is not a collection"):
+    with pytest.raises(CollectionExists, match="a folder named 'stray' is still in the data dir"):
         cs.create(Spec.new("stray", "m", "1", "sha", 16, "cosine", ""))
     cs.close()
+
+
+def test_an_ivf_index_under_a_refine_step_answers_large_k_and_after_deletes(tmp_path: Path) -> None:
+    """Widening a short answer passed IVF parameters to IndexRefine, which refuses them: INTERNAL."""
+    c = Collection.create(tmp_path / "c", spec("IVF16,Flat,Refine(Flat)"))
+    x = vectors(2000, seed=10, centres=40)
+    put_all(c, x)
+    deadline = time.monotonic() + 60
+    while c.kind != "IVF16,Flat,Refine(Flat)" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.kind == "IVF16,Flat,Refine(Flat)" and c.nprobe < 16
+    _, rowids, _ = c.search(x[:3], 1000)
+    assert ((rowids >= 0).sum(1) == 1000).all()
+    c.store.write(delete_ids=[f"v{i}" for i in range(0, 2000, 3)]).result()
+    _, rowids, _ = c.search(x[:3], 1000)
+    assert ((rowids >= 0).sum(1) == 1000).all() and not np.isin(rowids, np.arange(1, 2001, 3)).any()
+    c.close()
