@@ -119,9 +119,10 @@ def rpc(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Aw
                     record(Code.INTERNAL)
                     await context.abort(Code.INTERNAL, f"{method} failed inside the server; the error is in the "
                                         "server log")
+                log.warning("%s: disk full: %s", method, e)  # the path is for the operator, not the client
                 record(Code.RESOURCE_EXHAUSTED)
-                await context.abort(Code.RESOURCE_EXHAUSTED, f"the server's disk is full ({e}); nothing of this call "
-                                    "was acknowledged; retry once space is freed")
+                await context.abort(Code.RESOURCE_EXHAUSTED, "the server's disk is full; nothing of this call was "
+                                    "acknowledged; retry once space is freed")
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 record(Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED)
@@ -157,7 +158,7 @@ def _disk_full(e: BaseException) -> bool:
         return True
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "disk is full" in str(e) or "database or disk is full" in str(e)
+    return "disk is full" in str(e)  # SQLite: "database or disk is full"
 
 
 # -- request bodies that do not parse ---------------------------------------------------------------------

@@ -19,6 +19,8 @@ from server.client import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Overloaded,
+    ServerError,
     TandemClient,
 )
 from tests.conftest import SHIPPED_MODELS, png_bytes, start_server
@@ -733,3 +735,24 @@ def test_collections_calls_while_the_server_opens_them_answer_unavailable(tmp_pa
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_a_full_disk_in_any_call_is_resource_exhausted(shapes_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Upsert and Delete said so already; a create or rebuild hitting a full disk answered INTERNAL."""
+    import errno
+    import sqlite3
+
+    from index.manager import Collections
+
+    with TandemClient(shapes_server.target) as c:
+        for error in (OSError(errno.ENOSPC, "No space left on device"), sqlite3.OperationalError(
+                "database or disk is full")):
+            def full(self, spec, error=error):  # type: ignore[no-untyped-def]
+                raise error
+
+            monkeypatch.setattr(Collections, "create", full)
+            with pytest.raises(Overloaded, match="the server's disk is full; nothing of this call was acknowledged"):
+                c.create_collection("full")
+        monkeypatch.setattr(Collections, "create", lambda self, spec: (_ for _ in ()).throw(OSError(errno.EIO, "io")))
+        with pytest.raises(ServerError, match="CreateCollection failed inside the server"):
+            c.create_collection("broken")
