@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: `tandem {args.command}` needs {e.name}, which comes with the training extra: "
               "pip install -e '.[train]' (or use .venv-dev, which `make test` sets up)", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a file missing, unreadable, a folder, a place that cannot be written ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

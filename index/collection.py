@@ -141,11 +141,18 @@ def check_spec(dim: int, index_spec: str, metric: str) -> None:
             raise CollectionError(f"index_spec {index_spec!r}: HNSW needs 2 to 256 neighbours a node, got "
                                   f"{m.group(1)} (16 to 64 is usual)")
     try:
-        faiss.index_factory(dim, index_spec, METRICS[metric])
+        built = faiss.index_factory(dim, index_spec, METRICS[metric])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "not understood"
         raise CollectionError(f"index_spec {index_spec!r} is not a FAISS index_factory string FAISS can build "
                               f"for dim {dim} ({first}); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'") from None
+    index = faiss.downcast_index(built)  # a view: `built` keeps it alive
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            t = index.chain.at(i)
+            if t.d_out > t.d_in:  # PCA2000 on 64 dims: FAISS builds it and fails only when training it
+                raise CollectionError(f"index_spec {index_spec!r}: a transform cannot make {t.d_out} dimensions out "
+                                      f"of {t.d_in} (the model's dim is {dim}); ask for at most {t.d_in}")
 
 
 def shown(text: str, limit: int = 80) -> str:
@@ -215,6 +222,7 @@ class Collection:
         self._changes_since_snapshot = 0
         self._background: threading.Thread | None = None
         self._closed = False
+        self._background_failed = False  # the last background training failed: none starts until a Rebuild works
         self.index = self._new_index("Flat")
         self.replica = self._device_copy(self.index, 0)
         self.store = Store(self.folder / STORE_FILE, spec.dim, on_commit=self._apply, after_commit=self._after_commit)
@@ -584,8 +592,8 @@ class Collection:
     def _maybe_train_in_background(self) -> None:
         """Train the real index once there are enough vectors; compact once too many are deleted."""
         with self._background_lock:  # the writer thread and a finishing background thread may both ask
-            if self._closed or self._busy() or self._rebuild_lock.locked():  # a Rebuild call is at it already
-                return
+            if self._closed or self._busy() or self._rebuild_lock.locked() or self._background_failed:
+                return  # closed, busy, a Rebuild call at it already, or the last try failed
             target = self._target_factory(self.store.count())
             if target is not None:
                 self._start_background(lambda: self.rebuild(target), f"train-{self.spec.name}")
@@ -600,7 +608,10 @@ class Collection:
                 log.info("collection %s: background %s stopped: the collection was closed", self.spec.name, name)
                 return
             except Exception:
-                log.exception("collection %s: background %s failed", self.spec.name, name)
+                log.exception("collection %s: background %s failed; it is not retried until a Rebuild call or a "
+                              "restart", self.spec.name, name)
+                self._background_failed = True  # retrying at once failed ~100 times a second, flooding the log
+                return
             # Writes that arrived meanwhile may call for training (they found this thread busy and went on).
             self._maybe_train_in_background()
 
@@ -616,6 +627,7 @@ class Collection:
         """
         with self._rebuild_lock:
             self._rebuild(factory)
+            self._background_failed = False
 
     def _rebuild(self, factory: str | None) -> None:
         n = self.store.count()

@@ -356,7 +356,7 @@ def _item(item: Mapping[str, Any]) -> pb.Item:
             out.metadata.update(_plain(item["metadata"]))
         except (ValueError, TypeError) as e:
             raise ValueError(f"item {item.get('id')!r}: metadata {item['metadata']!r} is not JSON-like: {e}; use "
-                             "strings, numbers, booleans, lists and dicts") from None
+                             "strings, numbers, booleans and lists of them") from None
     return out
 
 

@@ -214,9 +214,10 @@ class Inference(pb_grpc.InferenceServicer):
             else:
                 [(ids, truncated)] = await self._run_items(m, "text", tokenize, 1, fail_fast=True, items=len(texts))
             if reject_truncated and truncated.any():
-                where = ", ".join(f"texts[{i}]" for i in np.flatnonzero(truncated)[:10])
+                over = np.flatnonzero(truncated)
+                where = ", ".join(f"texts[{i}]" for i in over[:10]) + (" ..." if len(over) > 10 else "")
                 raise invalid(
-                    f"{where} exceed the model's context length of {m.tokenizer.context_length} tokens "
+                    f"{where} {'exceeds' if len(over) == 1 else 'exceed'} the model's context length of {m.tokenizer.context_length} tokens "
                     "and reject_truncated is set; shorten them or allow truncation"
                 )
             return await m.text.submit(ids), truncated

@@ -125,7 +125,8 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path: Path) -> None:
     for bad, reason in [("HNSW0", "HNSW needs 2 to 256"), ("IVF64_HNSW1,Flat", "HNSW needs 2 to 256"),
                         ("IVF0,Flat", "IVF needs 1 to 262,144 lists"), ("IVF99999999,Flat", "got 99999999"),
                         ("IMI2x16,Flat", r"2\^32 lists"), ("NSG32", "builds NSG indexes once"),
-                        ("Flat\x00", "printable"), ("Flat," * 100, "at most 200")]:
+                        ("Flat\x00", "printable"), ("Flat," * 100, "at most 200"),
+                        ("PCA2000,Flat", "cannot make 2000 dimensions out of 16")]:
         with pytest.raises(CollectionError, match=reason):
             cs.create(spec(bad))
     for metric in ("l2", "ip"):  # L2norm would score directions while exact paths score the vectors
@@ -391,4 +392,28 @@ def test_an_ivf_index_under_a_refine_step_answers_large_k_and_after_deletes(tmp_
     c.store.write(delete_ids=[f"v{i}" for i in range(0, 2000, 3)]).result()
     _, rowids, _ = c.search(x[:3], 1000)
     assert ((rowids >= 0).sum(1) == 1000).all() and not np.isin(rowids, np.arange(1, 2001, 3)).any()
+    c.close()
+
+
+def test_a_background_training_that_fails_is_not_retried_in_a_loop(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A spec that can never train failed again at once after each failure: ~100 tracebacks a second."""
+    c = Collection.create(tmp_path / "c", spec("IVF16,Flat"))
+    tries: list[int] = []
+    real = c._rebuild
+
+    def failing(factory):  # type: ignore[no-untyped-def]
+        tries.append(1)
+        raise RuntimeError("cannot train")
+
+    monkeypatch.setattr(c, "_rebuild", failing)
+    put_all(c, vectors(1200))  # enough to train IVF16: the background try starts and fails
+    deadline = time.monotonic() + 30
+    while not c._background_failed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    put_all(c, vectors(50, seed=1), prefix="w")  # a write asks for training again: refused while failed
+    time.sleep(0.2)
+    assert c._background_failed and len(tries) == 1
+    monkeypatch.setattr(c, "_rebuild", real)
+    c.rebuild()  # an explicit Rebuild that works clears it
+    assert not c._background_failed
     c.close()

@@ -175,3 +175,15 @@ def test_every_command_explains_itself(command, capsys) -> None:  # type: ignore
     with pytest.raises(SystemExit) as e:
         cli.main([*command, "--help"])
     assert e.value.code == 0 and "examples:\n  tandem " in capsys.readouterr().out
+
+
+def test_a_folder_or_an_unwritable_path_is_a_readable_error_not_a_traceback(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An unreadable file, a folder given as an image, or an output that cannot be written raised a traceback."""
+    from cli import main
+
+    assert main(["embed", str(tmp_path), "--server", "127.0.0.1:9"]) == 2  # no server needed: read first
+    assert "Is a directory" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("a file where a folder is needed")
+    assert main(["embed", "--text", "x", "--output", str(tmp_path / "taken" / "x.npy"),
+                 "--server", "127.0.0.1:9"]) in (1, 2)  # 1 if the server is asked first: no traceback either way
+    assert "Traceback" not in capsys.readouterr().err
