@@ -28,7 +28,6 @@ Index life:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import json
@@ -39,7 +38,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -542,32 +541,36 @@ class Collection:
     def _exact_over(self, q: np.ndarray, k: int, rowids: np.ndarray, reader: Reader | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
         """Score the given stored items exactly (a filter's matches; read through `reader` when given, else one
-        deleted or replaced since the filter ran is left out)."""
-        best_s = np.full((len(q), k), -np.inf, np.float32)
-        best_i = np.full((len(q), k), -1, np.int64)
-        for start in range(0, len(rowids), EXACT_BLOCK):  # memory for one block, however many match
-            block = rowids[start : start + EXACT_BLOCK]
-            got = (reader or self.store).rows_by_rowid(block)
-            if len(got) < len(block):
-                block = np.fromiter((r for r in block if int(r) in got), np.int64)
-            if not len(block):
-                continue
-            vectors = np.stack([got[int(r)] for r in block])
-            s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(block, (len(q), len(block))), k)
-            best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
-        return best_s, best_i
+        deleted or replaced since the filter ran is left out), EXACT_BLOCK at a time."""
+        source = reader or self.store
+
+        def pages() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for start in range(0, len(rowids), EXACT_BLOCK):  # memory for one block, however many match
+                block = rowids[start : start + EXACT_BLOCK]
+                got = source.rows_by_rowid(block)
+                if len(got) < len(block):
+                    block = np.fromiter((r for r in block if int(r) in got), np.int64)
+                if len(block):
+                    yield block, np.stack([got[int(r)] for r in block])
+
+        return self._best_of(q, k, pages())
 
     def _exact_all(self, q: np.ndarray, k: int, up_to_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Score every stored item, a block at a time (exact: true on an approximate index): those written up to
         `up_to_seq`, or else all of one state of the store (an item replaced during the scan counts once)."""
+        if up_to_seq is not None:
+            return self._best_of(q, k, self.store.scan(up_to_seq=up_to_seq))
+        with self.store.consistent() as reader:
+            return self._best_of(q, k, reader.scan())
+
+    def _best_of(self, q: np.ndarray, k: int, pages: Iterable[tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The best k of (rowids, vectors) pages for each query, scored exactly; -inf / -1 where fewer."""
         best_s = np.full((len(q), k), -np.inf, np.float32)
         best_i = np.full((len(q), k), -1, np.int64)
-        with contextlib.ExitStack() as stack:
-            pages = (self.store.scan(up_to_seq=up_to_seq) if up_to_seq is not None
-                     else stack.enter_context(self.store.consistent()).scan())
-            for rowids, vectors in pages:
-                s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
-                best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
+        for rowids, vectors in pages:
+            s, i = _top_k(self._score_block(q, vectors), np.broadcast_to(rowids, (len(q), len(rowids))), k)
+            best_s, best_i = _top_k(np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1), k)
         return best_s, best_i
 
     # -- training, rebuild, snapshots -------------------------------------------------

@@ -89,11 +89,12 @@ def check_labels(labels: list[str], templates: list[str], config: ServerConfig, 
             f"than the server takes in one request ({name}={limit}); send fewer of either"
         )
     # A prompt is its template with each '{}' (2 characters) replaced by the label.
-    longest_label = max(len(label) for label in labels)
+    longest_at = max(range(len(labels)), key=lambda j: len(labels[j]))
+    longest_label = len(labels[longest_at])
     for i, (t, k) in enumerate(zip(templates, slots)):
         if (longest := len(t) - 2 * k + k * longest_label) > config.max_text_chars:
             which = f"the default template {t!r}" if defaults else f"templates[{i}]"
-            raise invalid(f"labels[{max(range(len(labels)), key=lambda j: len(labels[j]))}] ({longest_label} "
+            raise invalid(f"labels[{longest_at}] ({longest_label} "
                           f"characters) in {which} makes a prompt of {longest} characters, more than "
                           f"max_text_chars={config.max_text_chars}; send shorter labels"
                           + ("" if defaults else " or fewer '{}' per template"))
