@@ -164,12 +164,19 @@ def _item_results(items: Sequence[pb.Item], errors: dict[int, ApiError]) -> list
             else pb.ItemResult(id=item.id) for i, item in enumerate(items)]
 
 
+def _bad_id(item_id: str, what: str) -> ApiError | None:
+    """The error for an id no item can have (ids are 1 to MAX_ID_CHARS characters), or None."""
+    if item_id and len(item_id) <= MAX_ID_CHARS:
+        return None
+    return invalid(f"{what} is {'empty' if not item_id else f'{len(item_id):,} characters'}; ids are 1 to "
+                   f"{MAX_ID_CHARS} characters")
+
+
 def _check_ids(ids: Sequence[str]) -> None:
-    """Ids as Upsert takes them (1 to MAX_ID_CHARS characters): one no item can have is a mistake to say so."""
+    """Ids of Get and Delete checked as Upsert checks them: one no item can have is a mistake to say so."""
     for i, item_id in enumerate(ids):
-        if not item_id or len(item_id) > MAX_ID_CHARS:
-            raise invalid(f"ids[{i}] is {'empty' if not item_id else f'{len(item_id):,} characters'}; ids are 1 to "
-                          f"{MAX_ID_CHARS} characters")
+        if (error := _bad_id(item_id, f"ids[{i}]")) is not None:
+            raise error
 
 
 def _entry_bytes(entry: tuple[bytes, bytes]) -> int:
@@ -414,9 +421,8 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         errors: dict[int, ApiError] = {}
         last: dict[str, int] = {}
         for i, item in enumerate(items):
-            if not item.id or len(item.id) > MAX_ID_CHARS:
-                errors[i] = invalid(f"items[{i}].id is {'empty' if not item.id else f'{len(item.id)} characters'}; "
-                                    f"ids are 1 to {MAX_ID_CHARS} characters")
+            if (error := _bad_id(item.id, f"items[{i}].id")) is not None:
+                errors[i] = error
             elif item.id in last:
                 errors[last[item.id]] = invalid(f"items[{last[item.id]}] id {item.id!r} appears again at items[{i}]; "
                                                 "only the last one counts (stored if it is valid: see its status)")
@@ -563,9 +569,8 @@ class CollectionsService(pb_grpc.CollectionsServicer):
                         raise v
                     plain[key] = v
                 elif kind == "id":
-                    if not t.id or len(t.id) > MAX_ID_CHARS:
-                        raise invalid(f"{what}.id is {'empty' if not t.id else f'{len(t.id):,} characters'}; ids "
-                                      f"are 1 to {MAX_ID_CHARS} characters")
+                    if (error := _bad_id(t.id, f"{what}.id")) is not None:
+                        raise error
                     ids[key] = t.id
                 else:
                     raise invalid(f"{what} is empty; set one of text, image, vector or id")
